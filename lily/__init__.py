@@ -1,0 +1,41 @@
+"""lily: Low-Rank Interconnected Adaptation across Layers (Zhong, Zhao, Zhou; ACL Findings 2025).
+
+Three lines put Lily on a model::
+
+    import lily
+    model = lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "v_proj"], r=32, num_A=2, num_B=4))
+    print(lily.summary(model))
+"""
+
+from lily.adapter import adapter_parameters, get_adapter, lily_layers
+from lily.config import LilyConfig
+from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
+from lily.inject import inject, remove
+from lily.io import load_adapter, save_adapter
+from lily.merge import merge, unmerge
+from lily.report import count_parameters, summary
+from lily.routing import ROUTING_MODES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ROUTING_MODES",
+    "CheckpointError",
+    "ConfigError",
+    "InjectionError",
+    "LilyConfig",
+    "LilyError",
+    "MergeError",
+    "TargetError",
+    "adapter_parameters",
+    "count_parameters",
+    "get_adapter",
+    "inject",
+    "lily_layers",
+    "load_adapter",
+    "merge",
+    "remove",
+    "save_adapter",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,50 @@
+"""`LilyBank`: the shared parameters of one target type -- its A groups and its B experts.
+
+The bank is their only owner: adapted layers hold a plain (unregistered) reference to it, so the model's
+`state_dict`, the optimizer and the adapter file each see one copy of every shared tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LilyBank(nn.Module):
+    """A groups A_g (r x d_in, like `nn.Linear(d_in, r).weight`) and B experts B_e (stacked E x d_out x r).
+
+    A is initialised kaiming-uniform like `nn.Linear`; B is zero, so the adapted model starts equal to
+    the base model.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        num_A: int,
+        num_B: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.A = nn.ParameterList(
+            nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype)) for _ in range(num_A)
+        )
+        self.B = nn.Parameter(torch.zeros(num_B, out_features, r, device=device, dtype=dtype))
+        for a in self.A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    @property
+    def num_A(self) -> int:
+        return len(self.A)
+
+    @property
+    def num_B(self) -> int:
+        return self.B.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, num_A={self.num_A}, num_B={self.num_B}"

@@ -1,0 +1,175 @@
+"""Save and load adapters: a JSON config plus one safetensors file with one copy of each tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lily.adapter import adapter_parameters, get_adapter
+from lily.config import LilyConfig
+from lily.errors import CheckpointError, LilyError
+from lily.inject import inject, remove
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "lily-adapter"
+FORMAT_VERSION = 1
+
+
+def _atomic_writes(directory: Path, writers: dict[str, Callable[[str], None]]) -> None:
+    """Write each named file through a temporary file in `directory`, then rename them all into place.
+
+    If any writer fails, every temporary file is deleted and no target file is touched.
+    """
+    temps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            temps[name] = temp
+            write(temp)
+        for name, temp in temps.items():
+            os.replace(temp, directory / name)
+    finally:
+        for temp in temps.values():
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the adapter of `model` to directory `path`: `adapter_config.json` + `adapter_model.safetensors`.
+
+    Only adapter tensors are written, each shared A group and B expert once. Files are written
+    atomically: a failed save leaves no partial file.
+
+    Example:
+        >>> lily.save_adapter(model, "out/adapter")
+    """
+    adapter = get_adapter(model)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(model).items()}
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": adapter.config.to_dict(),
+        "routing_reason": adapter.routing_reason,
+        "target_types": [t.to_dict() for t in adapter.plan],
+    }
+    directory = Path(path)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def write_config(temp: str) -> None:
+        Path(temp).write_text(json.dumps(meta, indent=2) + "\n")
+
+    def write_weights(temp: str) -> None:
+        save_file(tensors, temp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+
+    try:
+        _atomic_writes(directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+    except BaseException:
+        if created and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed `adapter_config.json` of an adapter directory, checked for format."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise CheckpointError(f"no adapter at '{path}': {CONFIG_NAME} is missing (save one with lily.save_adapter).")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is corrupt or truncated: {exc}.") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f'{file} is not a lily adapter config (missing "format": "{FORMAT}").')
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} has format_version {meta.get('format_version')!r}; this lily reads version {FORMAT_VERSION}."
+        )
+    for key in ("config", "target_types"):
+        if key not in meta:
+            raise CheckpointError(f"{file} lacks the '{key}' entry; the file is incomplete.")
+    return meta
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter_model.safetensors`; corrupt or truncated files raise CheckpointError."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise CheckpointError(f"no adapter weights at '{path}': {WEIGHTS_NAME} is missing.")
+    try:
+        with safe_open(file, framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"{file} is corrupt or truncated and cannot be read: {exc}.") from exc
+
+
+def _check_fits(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    params = adapter_parameters(model)
+    missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"adapter at '{where}' does not fit this model: tensors missing from the file {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, tensors in the file the model has no place for "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
+        )
+    for name, param in params.items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"adapter at '{where}' does not fit this model: tensor '{name}' has shape "
+                f"{tuple(tensors[name].shape)} in the file but {tuple(param.shape)} in the model."
+            )
+    saved = meta["target_types"]
+    planned = [t.to_dict() for t in get_adapter(model).plan]
+    if saved != planned:
+        for s, p in zip(saved, planned, strict=False):
+            if s != p:
+                field = next(k for k in s if s.get(k) != p.get(k))
+                raise CheckpointError(
+                    f"adapter at '{where}' does not fit this model: target type '{s.get('key')}' has "
+                    f"{field}={s.get(field)!r} in the file but {p.get(field)!r} in the model."
+                )
+        raise CheckpointError(
+            f"adapter at '{where}' was saved for {len(saved)} target type(s), the model has {len(planned)}."
+        )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Inject the adapter saved at `path` into a fresh base `model` and load its weights; returns `model`.
+
+    On any error the model is left as it was.
+
+    Example:
+        >>> model = lily.load_adapter(AutoModelForCausalLM.from_pretrained(base_id), "out/adapter")
+    """
+    meta = read_adapter_config(path)
+    tensors = read_adapter_tensors(path)
+    try:
+        config = LilyConfig.from_dict(meta["config"])
+    except (LilyError, TypeError) as exc:
+        raise CheckpointError(f"adapter config at '{path}' is invalid: {exc}") from exc
+    try:
+        inject(model, config)
+    except LilyError as exc:
+        raise CheckpointError(f"adapter at '{path}' does not fit this model: {exc}") from exc
+    try:
+        _check_fits(model, meta, tensors, str(path))
+        with torch.no_grad():
+            for name, param in adapter_parameters(model).items():
+                param.copy_(tensors[name])
+    except BaseException:
+        remove(model)
+        raise
+    if "routing_reason" in meta:
+        get_adapter(model).routing_reason = meta["routing_reason"]
+    return model

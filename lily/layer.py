@@ -1,0 +1,120 @@
+"""`LilyLayer`: one adapted Linear/Conv1D layer -- the forward maths and the merge of its own weight.
+
+h     = dropout(x) A_g^T                      (..., r)     A_g: this layer's A group (shared)
+w     = routing weights of h                  see lily.routing
+y     = base(x) + s * sum_e w_e (h B_e^T)     B_e: the target type's experts (shared)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lily.bank import LilyBank
+from lily.routing import apply_experts, expert_weights, make_router, require_mergeable
+
+
+class RoutingContext:
+    """Per-call inputs the router needs but the layer is not given: the model's `attention_mask`.
+
+    Set by a forward pre-hook on the adapted model. It is kept after the call, so that activation
+    checkpointing recomputes each layer with the mask of the forward pass it replays.
+    """
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+
+
+class LilyLayer(nn.Module):
+    """Wraps a frozen `base_layer` (nn.Linear or Conv1D) and adds the Lily update to its output.
+
+    The shared `bank` and `context` are plain references, not submodules: their owner is the model's
+    `LilyAdapter`. The layer owns only its router.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        kind: str,
+        bank: LilyBank,
+        group: int,
+        routing: str,
+        scaling: float,
+        dropout: float,
+        context: RoutingContext,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.group = group
+        self.routing = routing
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = base_layer.weight
+        self.router = make_router(routing, bank.r, bank.num_B, device=weight.device, dtype=bank.B.dtype)
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "context", context)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (for code that reads `module.weight`, e.g. its dtype)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        bank = self.bank
+        a, experts = bank.A[self.group], bank.B
+        if a.device != x.device:  # a model split over devices: the shared bank lives on one of them
+            a, experts = a.to(x.device), experts.to(x.device)
+        x = self.dropout(x)
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        h = F.linear(x, a)
+        mask = self.context.attention_mask if self.routing == "sample" else None
+        weights = expert_weights(self.routing, h, self.router, bank.num_B, mask)
+        delta = apply_experts(self.routing, h, experts, weights)
+        return out + self.scaling * delta.to(out.dtype)
+
+    def _fold(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
+        """Add sign * up @ down to the base weight, in its layout ((out, in) Linear, (in, out) Conv1D)."""
+        delta = up @ down
+        base = self.base_layer.weight
+        base.add_((delta if self.kind == "linear" else delta.T).to(base.dtype), alpha=sign)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold s * B~ A into the base weight; the forward then costs exactly the base layer.
+
+        The folded factors (s * B~ and A, a LoRA-sized pair) are kept as non-persistent buffers, so
+        `unmerge` subtracts exactly what was added even if the adapter weights change in between.
+        """
+        if self.merged:
+            return
+        require_mergeable(self.routing)
+        bank = self.bank
+        weights = expert_weights(self.routing, bank.B, self.router, bank.num_B)  # fixed modes: h unused
+        up = self.scaling * torch.einsum("e,eor->or", weights, bank.B)
+        self.register_buffer("merged_up", up, persistent=False)
+        self.register_buffer("merged_down", bank.A[self.group].detach().clone(), persistent=False)
+        self._fold(self.merged_up, self.merged_down, 1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract what `merge` added; the base weight is restored up to rounding."""
+        if not self.merged:
+            return
+        self._fold(self.merged_up, self.merged_down, -1.0)
+        del self.merged_up, self.merged_down
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, group={self.group}, routing={self.routing!r}, scaling={self.scaling}"

@@ -1,0 +1,174 @@
+"""Find the layers to adapt, form target types, and split each type's layers into A groups.
+
+A *target type* is (matched target name, weight shape): all its layers share one set of A groups and
+one set of B experts. Layer order is module order in the model. Nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lily.config import LilyConfig
+from lily.errors import ConfigError, TargetError
+
+
+@dataclass(frozen=True)
+class TargetType:
+    """The layers of one target type and the A group of each."""
+
+    key: str
+    """Unique identifier used in parameter names (no dots)."""
+    target: str
+    """The target name the layers matched: the suffix from the list, or the index-free module name."""
+    in_features: int
+    out_features: int
+    module_names: tuple[str, ...]
+    groups: tuple[int, ...]
+    """A-group index of each layer, non-decreasing, covering 0..num_A-1."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.module_names)
+
+    @property
+    def num_A(self) -> int:
+        return self.groups[-1] + 1
+
+    def group_sizes(self) -> list[int]:
+        return [self.groups.count(g) for g in range(self.num_A)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "target": self.target,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "module_names": list(self.module_names),
+            "groups": list(self.groups),
+        }
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear' for nn.Linear, 'conv1d' for transformers' Conv1D (weight stored as in x out), else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")  # a model can only hold Conv1D if loaded
+    if pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D):
+        return "conv1d"
+    return None
+
+
+def weight_shape(module: nn.Module, kind: str) -> tuple[int, int]:
+    """(in_features, out_features) of a supported layer."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if kind == "linear" else (rows, cols)
+
+
+def check_adaptable(name: str, module: nn.Module) -> str:
+    """Return the layer kind of `module`, or raise a TargetError that says why it cannot be adapted."""
+    kind = layer_kind(module)
+    if kind is None:
+        raise TargetError(
+            f"target_modules selected module '{name}' of type {type(module).__name__}, but lily adapts only "
+            "nn.Linear and transformers' Conv1D; narrow target_modules so it selects only such layers."
+        )
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        raise TargetError(
+            f"module '{name}' is the output projection of nn.MultiheadAttention, which reads its weight "
+            "directly and would bypass the adapter; target other layers."
+        )
+    weight = getattr(module, "weight", None)
+    if weight is None or not weight.dtype.is_floating_point or type(module).__module__.startswith("bitsandbytes"):
+        raise TargetError(
+            f"module '{name}' ({type(module).__name__}) has a quantized or non-float weight; lily adapts only "
+            "floating-point layers."
+        )
+    return kind
+
+
+def index_free_name(module_name: str) -> str:
+    """Module name without its numeric path parts: 'model.layers.3.self_attn.q_proj' -> 'model.layers.self_attn.q_proj'.
+
+    A name made only of indices (layers of an `nn.Sequential`) gives 'layer'.
+    """
+    return ".".join(part for part in module_name.split(".") if not part.isdigit()) or "layer"
+
+
+def _matched_target(name: str, config: LilyConfig) -> str | None:
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return index_free_name(name) if re.fullmatch(targets, name) else None
+    hits = [t for t in targets if name == t or name.endswith("." + t)]
+    return max(hits, key=len) if hits else None
+
+
+def split_groups(num_layers: int, num_A: int | None, layers_per_A: int | None, what: str) -> tuple[int, ...]:
+    """A-group index of each of `num_layers` consecutive layers.
+
+    With `num_A`: exactly num_A contiguous runs whose lengths differ by at most one (longer runs first).
+    With `layers_per_A`: runs of that length, the last one possibly shorter.
+    """
+    if layers_per_A is not None:
+        return tuple(i // layers_per_A for i in range(num_layers))
+    assert num_A is not None
+    if num_A > num_layers:
+        raise ConfigError(
+            f"LilyConfig.num_A={num_A} is larger than the {num_layers} layer(s) of target type {what}; "
+            f"use num_A <= {num_layers} (or layers_per_A)."
+        )
+    base, extra = divmod(num_layers, num_A)
+    groups: list[int] = []
+    for g in range(num_A):
+        groups += [g] * (base + (1 if g < extra else 0))
+    return tuple(groups)
+
+
+def _example_names(model: nn.Module, limit: int = 12) -> str:
+    leaves: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if name and layer_kind(module) is not None:
+            leaves.setdefault(name.rsplit(".", 1)[-1], name)
+    if not leaves:
+        return "the model has no nn.Linear or Conv1D layers at all."
+    shown = ", ".join(f"'{short}' (e.g. '{full}')" for short, full in list(leaves.items())[:limit])
+    return f"adaptable layers in this model include: {shown}."
+
+
+def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
+    """Find every module `config.target_modules` selects and group them into target types."""
+    found: dict[tuple[str, int, int], list[str]] = {}
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        target = _matched_target(name, config)
+        if target is None:
+            continue
+        kind = check_adaptable(name, module)
+        d_in, d_out = weight_shape(module, kind)
+        found.setdefault((target, d_in, d_out), []).append(name)
+    if not found:
+        raise TargetError(
+            f"LilyConfig.target_modules={config.target_modules!r} matched no module; " + _example_names(model)
+        )
+
+    shapes_per_target: dict[str, int] = {}
+    for target, _, _ in found:
+        shapes_per_target[target] = shapes_per_target.get(target, 0) + 1
+    plan: list[TargetType] = []
+    used_keys: set[str] = set()
+    for (target, d_in, d_out), names in found.items():
+        key = re.sub(r"\W", "_", target)
+        if shapes_per_target[target] > 1:
+            key = f"{key}_{d_in}x{d_out}"
+        while key in used_keys:
+            key += "_"
+        used_keys.add(key)
+        what = f"'{target}' ({d_in}->{d_out})"
+        groups = split_groups(len(names), config.num_A, config.layers_per_A, what)
+        plan.append(TargetType(key, target, d_in, d_out, tuple(names), groups))
+    return plan

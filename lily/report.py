@@ -1,0 +1,90 @@
+"""What an adapted model holds: `count_parameters` and `summary`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lily.adapter import adapter_parameters, get_adapter
+from lily.plan import TargetType
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of unique trainable adapter parameters (each shared A and B counted once).
+
+    Example:
+        >>> lily.count_parameters(model)
+        36864
+    """
+    return sum(p.numel() for p in adapter_parameters(model).values() if p.requires_grad)
+
+
+def router_size(routing: str, num_layers: int, r: int, num_B: int) -> int:
+    """Router parameters of one target type: N*r*E (data-dependent), N*E ("static") or 0 ("uniform")."""
+    if routing == "uniform":
+        return 0
+    return num_layers * num_B * (1 if routing == "static" else r)
+
+
+def type_sizes(target_type: TargetType, r: int, num_B: int, routing: str) -> tuple[int, int, int]:
+    """(A, B, router) parameter counts of one target type."""
+    a = target_type.num_A * target_type.in_features * r
+    b = num_B * r * target_type.out_features
+    return a, b, router_size(routing, target_type.num_layers, r, num_B)
+
+
+def summary(model: nn.Module) -> str:
+    """A table of the adapter: per target type its layers, shape, A groups, r, and A/B/router counts.
+
+    Example:
+        >>> print(lily.summary(model))
+    """
+    adapter = get_adapter(model)
+    cfg = adapter.config
+    header = (
+        "target type",
+        "layers",
+        "in -> out",
+        "A groups (layers each)",
+        "r",
+        "B experts",
+        "A",
+        "B",
+        "router",
+        "total",
+    )
+    rows = []
+    total = 0
+    for t in adapter.plan:
+        a, b, router = type_sizes(t, cfg.r, cfg.num_B, adapter.routing)
+        total += a + b + router
+        sizes = t.group_sizes()
+        groups = f"{t.num_A} ({sizes[0]})" if len(set(sizes)) == 1 else f"{t.num_A} ({'+'.join(map(str, sizes))})"
+        rows.append(
+            (
+                t.key,
+                str(t.num_layers),
+                f"{t.in_features} -> {t.out_features}",
+                groups,
+                str(cfg.r),
+                str(cfg.num_B),
+                f"{a:,}",
+                f"{b:,}",
+                f"{router:,}",
+                f"{a + b + router:,}",
+            )
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"Lily adapter on {type(model).__name__}: routing={adapter.routing!r} ({adapter.routing_reason}), "
+        f"scaling={cfg.scaling}, dropout={cfg.dropout}",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+    ]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    adapter_ids = {id(p) for p in adapter_parameters(model).values()}
+    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
+    trainable = count_parameters(model)
+    lines.append(
+        f"trainable adapter parameters: {trainable:,} ({100 * trainable / max(base, 1):.4f}% of the "
+        f"{base:,} base parameters)"
+    )
+    return "\n".join(lines)
