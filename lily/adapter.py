@@ -44,11 +44,17 @@ class LilyAdapter(nn.Module):
     """Owner of every shared tensor of one adapted model, plus what `remove` needs to undo injection."""
 
     def __init__(
-        self, config: LilyConfig, plan: list[TargetType], routing_reason: str, trainable_before: list[str]
+        self,
+        config: LilyConfig,
+        plan: list[TargetType],
+        trainable_modules: list[str],
+        routing_reason: str,
+        trainable_before: list[str],
     ) -> None:
         super().__init__()
         self.config = config
         self.plan = plan
+        self.trainable_modules = trainable_modules
         self.routing_reason = routing_reason
         self.trainable_before = trainable_before
         self.banks = nn.ModuleDict()
@@ -103,3 +109,18 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         for name, param in layer.named_parameters(recurse=False):
             params[f"{layer_name}.{name}"] = param
     return params
+
+
+def module_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters of the base modules named in `LilyConfig.trainable_modules`, by their model names."""
+    adapter = get_adapter(model)
+    return {
+        f"{module}.{name}": param
+        for module in adapter.trainable_modules
+        for name, param in model.get_submodule(module).named_parameters()
+    }
+
+
+def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What an adapter file holds: the Lily tensors plus the trainable modules' parameters."""
+    return {**adapter_parameters(model), **module_parameters(model)}

@@ -52,6 +52,13 @@ class LilyConfig:
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    trainable_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Module-name suffixes of base modules to train fully and save with the adapter, e.g. a new "
+            "classification head ['classifier'] (PEFT's modules_to_save). They are trained in place."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_targets()
@@ -85,6 +92,11 @@ class LilyConfig:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LilyConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         self.dropout = float(self.dropout)
+        if isinstance(self.trainable_modules, str) or not all(isinstance(t, str) and t for t in self.trainable_modules):
+            raise ConfigError(
+                f"LilyConfig.trainable_modules must be a list of module-name suffixes, got {self.trainable_modules!r}."
+            )
+        self.trainable_modules = list(self.trainable_modules)
 
     def _check_targets(self) -> None:
         targets = self.target_modules

@@ -12,7 +12,7 @@ from lily.bank import LilyBank
 from lily.config import LilyConfig
 from lily.errors import InjectionError
 from lily.layer import LilyLayer
-from lily.plan import check_adaptable, plan_targets
+from lily.plan import check_adaptable, plan_targets, plan_trainable_modules
 from lily.routing import require_mergeable
 
 
@@ -68,11 +68,16 @@ def inject(model: nn.Module, config: LilyConfig) -> nn.Module:
     if not isinstance(config, LilyConfig):
         raise InjectionError(f"lily.inject expects a LilyConfig, got {type(config).__name__}.")
     plan = plan_targets(model, config)
+    trainable_modules = plan_trainable_modules(model, config, plan)
     routing, reason = resolve_routing(model, config)
     trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
-    adapter = LilyAdapter(dataclasses.replace(config, routing=routing), plan, reason, trainable_before)
+    adapter = LilyAdapter(
+        dataclasses.replace(config, routing=routing), plan, trainable_modules, reason, trainable_before
+    )
     for param in model.parameters():
         param.requires_grad_(False)
+    for name in trainable_modules:
+        model.get_submodule(name).requires_grad_(True)
 
     for target_type in plan:
         first = model.get_submodule(target_type.module_names[0])
@@ -109,9 +114,10 @@ def inject(model: nn.Module, config: LilyConfig) -> nn.Module:
 def remove(model: nn.Module, merge: bool = False) -> nn.Module:
     """Take the adapters off `model` and return it.
 
-    With `merge=False` the original modules come back untouched (bit-identical unless they were merged,
-    in which case they are unmerged first). With `merge=True` the update is folded into the base weights
-    for good (input-independent routing only), like PEFT's `merge_and_unload`.
+    With `merge=False` the original modules come back untouched: bit-identical, unless they were merged
+    (then they are unmerged first); `trainable_modules` keep their trained weights. With `merge=True` the
+    update is folded into the base weights for good (input-independent routing only), like PEFT's
+    `merge_and_unload`.
     """
     adapter = get_adapter(model)
     layers = list(lily_layers(model))

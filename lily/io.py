@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lily.adapter import adapter_parameters, get_adapter
+from lily.adapter import get_adapter, saved_parameters
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, LilyError
 from lily.inject import inject, remove
@@ -55,7 +55,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         >>> lily.save_adapter(model, "out/adapter")
     """
     adapter = get_adapter(model)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_parameters(model).items()}
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in saved_parameters(model).items()}
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -115,7 +115,7 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _check_fits(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
-    params = adapter_parameters(model)
+    params = saved_parameters(model)
     missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or unexpected:
         raise CheckpointError(
@@ -165,7 +165,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         _check_fits(model, meta, tensors, str(path))
         with torch.no_grad():
-            for name, param in adapter_parameters(model).items():
+            for name, param in saved_parameters(model).items():
                 param.copy_(tensors[name])
     except BaseException:
         remove(model)

@@ -99,12 +99,35 @@ def index_free_name(module_name: str) -> str:
     return ".".join(part for part in module_name.split(".") if not part.isdigit()) or "layer"
 
 
+def longest_suffix(name: str, suffixes: list[str]) -> str | None:
+    """The longest of `suffixes` that `name` ends with at a '.' boundary (or equals), else None."""
+    hits = [s for s in suffixes if name == s or name.endswith("." + s)]
+    return max(hits, key=len) if hits else None
+
+
 def _matched_target(name: str, config: LilyConfig) -> str | None:
     targets = config.target_modules
     if isinstance(targets, str):
         return index_free_name(name) if re.fullmatch(targets, name) else None
-    hits = [t for t in targets if name == t or name.endswith("." + t)]
-    return max(hits, key=len) if hits else None
+    return longest_suffix(name, targets)
+
+
+def plan_trainable_modules(model: nn.Module, config: LilyConfig, targets: list[TargetType]) -> list[str]:
+    """Names of the base modules `config.trainable_modules` selects; each suffix must select something."""
+    adapted = {name for t in targets for name in t.module_names}
+    names = [n for n, _ in model.named_modules() if n and longest_suffix(n, config.trainable_modules)]
+    for suffix in config.trainable_modules:
+        if not any(longest_suffix(n, [suffix]) for n in names):
+            raise TargetError(
+                f"LilyConfig.trainable_modules entry {suffix!r} matched no module; " + _example_names(model)
+            )
+    clash = sorted(n for n in names if n in adapted or any(a.startswith(n + ".") for a in adapted))
+    if clash:
+        raise TargetError(
+            f"module '{clash[0]}' is selected by both trainable_modules and target_modules; a module is either "
+            "fully trained or adapted, not both."
+        )
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
 
 
 def split_groups(num_layers: int, num_A: int | None, layers_per_A: int | None, what: str) -> tuple[int, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lily.adapter import adapter_parameters, get_adapter
+from lily.adapter import adapter_parameters, get_adapter, module_parameters
 from lily.plan import TargetType
 
 
@@ -87,4 +87,7 @@ def summary(model: nn.Module) -> str:
         f"trainable adapter parameters: {trainable:,} ({100 * trainable / max(base, 1):.4f}% of the "
         f"{base:,} base parameters)"
     )
+    if adapter.trainable_modules:
+        fully = sum(p.numel() for p in module_parameters(model).values() if p.requires_grad)
+        lines.append(f"plus {fully:,} parameters in fully trained modules: {', '.join(adapter.trainable_modules)}")
     return "\n".join(lines)
