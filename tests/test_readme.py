@@ -1,0 +1,25 @@
+"""The README's Python examples run as written."""
+
+import re
+from pathlib import Path
+
+from tests.helpers import tiny_llama
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_three_line_usage_runs_on_a_model(capsys):
+    three_lines = python_blocks()[0]
+    assert len(three_lines.strip().splitlines()) == 3
+    exec(compile(three_lines, "README usage", "exec"), {"model": tiny_llama()})
+    assert "trainable adapter parameters" in capsys.readouterr().out
+
+
+def test_complete_script_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(python_blocks()[1], "README script", "exec"), {})
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
