@@ -1,0 +1,184 @@
+"""`TrainConfig`: every option of `lily train`, with its default and help text, in one place.
+
+The command-line flags and the YAML keys are generated from these fields; precedence is
+defaults < YAML file (`--config`) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lily.errors import ConfigError
+
+TASKS = ("text-cls", "causal-lm", "image-cls")
+METHODS = ("lily", "lora", "full", "head-only")
+DEFAULT_MODEL = {"text-cls": "minilm", "causal-lm": "smollm2", "image-cls": "dinov2"}
+DEFAULT_DATA = {"text-cls": "tweets", "causal-lm": "chat", "image-cls": "fashion"}
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one training run (see `lily train --help`)."""
+
+    task: str = _opt("text-cls", "text-cls (sequence classification), causal-lm, or image-cls.", choices=TASKS)
+    model: str | None = _opt(
+        None,
+        "Bundled model (minilm, smollm2, dinov2), a local model directory, or a Hugging Face model id. "
+        "Default: minilm / smollm2 / dinov2 for text-cls / causal-lm / image-cls.",
+    )
+    data: str | None = _opt(
+        None,
+        "Bundled dataset (tweets, bbc, chat, shakespeare, fashion), a local file (.csv, .jsonl, .txt), an image "
+        "folder (one sub-folder per class), or a Hugging Face `datasets` id. Default: tweets / chat / fashion.",
+    )
+    method: str = _opt("lily", "lily, lora (PEFT, at Lily's parameter budget), full, or head-only.", choices=METHODS)
+    output_dir: str = _opt("out/run", "Directory for the adapter, checkpoints, metrics.json and plot.png.")
+
+    # data
+    text_column: str = _opt("text", "Column holding the input text (text-cls, plain-text causal-lm).")
+    label_column: str = _opt("label", "Column holding the class label (text-cls, image-cls from datasets).")
+    prompt_column: str = _opt("prompt", "Column holding the prompt (chat-style causal-lm files).")
+    response_column: str = _opt("response", "Column holding the reply (chat-style causal-lm files).")
+    image_column: str = _opt("image", "Column holding the image (image-cls from datasets).")
+    max_train_samples: int | None = _opt(2000, "Use at most this many training examples (None: all).")
+    max_eval_samples: int | None = _opt(500, "Use at most this many validation examples (None: all).")
+    max_test_samples: int | None = _opt(1000, "Use at most this many test examples (None: all).")
+    val_fraction: float = _opt(0.1, "Validation share carved out when the source has no validation split.")
+    test_fraction: float = _opt(0.1, "Test share carved out when the source has no test split.")
+    split_seed: int = _opt(0, "Seed of the train/validation/test split (kept fixed across training seeds).")
+    max_length: int = _opt(64, "Maximum tokens per example (text-cls, causal-lm).")
+    image_size: int = _opt(56, "Images are resized to this square size (a multiple of the patch size).")
+
+    # Lily
+    targets: list[str] | None = _opt(None, "Module-name suffixes to adapt (default: attention query and value).")  # noqa: RUF009
+    r: int = _opt(16, "Lily rank.")
+    num_A: int = _opt(2, "Lily A groups per target type.")
+    num_B: int = _opt(4, "Lily B experts per target type.")
+    scaling: float = _opt(1.0, "Lily scaling s.")
+    routing: str | None = _opt(None, "Lily routing mode (default: token for causal models, sample otherwise).")
+    adapter_dropout: float = _opt(0.0, "Dropout on the adapter input (Lily and LoRA).")
+
+    # LoRA baseline
+    lora_r: int | None = _opt(None, "LoRA rank (default: the rank whose parameter count is closest to Lily's).")
+    lora_alpha: float | None = _opt(None, "LoRA alpha (default: 2 * lora_r).")
+
+    # optimisation
+    epochs: int = _opt(2, "Training epochs.")
+    max_steps: int | None = _opt(None, "Stop after this many optimizer steps (None: run all epochs).")
+    batch_size: int = _opt(32, "Examples per device per step.")
+    grad_accum: int = _opt(1, "Gradient accumulation steps.")
+    lr: float = _opt(2e-3, "Peak learning rate.")
+    head_lr: float | None = _opt(None, "Learning rate of a newly trained head (default: --lr).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _opt(0.06, "Share of steps with linear warm-up; then linear decay to 0.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
+    mixed_precision: str = _opt("no", "no, bf16 or fp16 (accelerate mixed precision).", choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    seed: int = _opt(0, "Seed of initialisation, data order and dropout.")
+    eval_every: int = _opt(0, "Evaluate every N optimizer steps (0: at the end of each epoch).")
+    log_every: int = _opt(10, "Update the progress bar's loss every N steps.")
+    cpu: bool = _opt(False, "Train on the CPU even when a GPU is present.")
+    resume: bool = _opt(False, "Continue the run in --output-dir from its last checkpoint.")
+    overwrite: bool = _opt(False, "Replace a different run found in --output-dir.")
+
+    def __post_init__(self) -> None:
+        for name in ("task", "method", "mixed_precision"):
+            choices = _field(name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r}: choose one of {', '.join(choices)}.")
+        for name in ("epochs", "batch_size", "grad_accum", "r", "num_A", "num_B", "max_length", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}.")
+        if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:
+            raise ConfigError("--val-fraction must be in [0, 1) and --test-fraction in (0, 1).")
+        self.model = self.model or DEFAULT_MODEL[self.task]
+        self.data = self.data or DEFAULT_DATA[self.task]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The fields that define what a run computes (not how it is launched or resumed)."""
+        launch = {"output_dir", "resume", "overwrite", "log_every", "cpu"}
+        return {k: v for k, v in self.to_dict().items() if k not in launch}
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> Any:
+    """int for 'int | None', list for 'list[str] | None', etc."""
+    hints = typing.get_type_hints(TrainConfig)
+    tp = hints[annotation] if isinstance(annotation, str) else annotation
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = args[0]
+    return typing.get_origin(tp) or tp
+
+
+def _none_or(cast: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null", "") else cast(text)
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (plus --config for a YAML file); unset flags stay absent."""
+    parser.add_argument("--config", help="YAML file whose keys are option names (flags given here override it).")
+    for f in dataclasses.fields(TrainConfig):
+        base = _base_type(f.name)
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif base is list:
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = _none_or(base)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from defaults, then the YAML file in `args.config`, then explicitly given flags."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**values)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values.")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"config file {path} has unknown option(s) {unknown}; see `lily train --help`.")
+    return data

@@ -1,0 +1,269 @@
+"""Examples for each task from bundled assets, local files, or Hugging Face `datasets`, split reproducibly.
+
+Every loader returns a `TaskData`: train/validation/test lists of examples (never overlapping) and, for
+classification, the label names. Sources with their own splits keep them; what a source lacks is carved
+out of its training data with `split_seed`, test first, so the test set does not change with
+`max_train_samples`.
+
+Example formats:  text-cls (text, label_id) | causal-lm (prompt, response) or (None, text) |
+image-cls (image, label_id), where an image is a uint8 array or a file path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lily import assets
+from lily.errors import LilyError
+from lily.train.config import TrainConfig
+
+SPLITS = ("train", "validation", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+class DataError(LilyError, ValueError):
+    """A dataset is missing, malformed, or does not fit the task."""
+
+
+@dataclass
+class TaskData:
+    splits: dict[str, list[Any]]
+    labels: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(v) for k, v in self.splits.items()}
+
+
+def _carve(rows: list[Any], have: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]:
+    """Fill the missing splits from `rows` (shuffled with split_seed): test first, then validation."""
+    rows = list(rows)
+    random.Random(cfg.split_seed).shuffle(rows)
+    splits = dict(have)
+    if "test" not in splits:
+        n = max(1, round(len(rows) * cfg.test_fraction))
+        splits["test"], rows = rows[:n], rows[n:]
+    if "validation" not in splits:
+        n = max(1, round(len(rows) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+        splits["validation"], rows = rows[:n], rows[n:]
+    splits["train"] = rows
+    return splits
+
+
+def _cap(splits: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]:
+    limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
+    capped = {k: v[: limits[k]] if limits[k] is not None else v for k, v in splits.items()}
+    for name in SPLITS:
+        if not capped.get(name):
+            raise DataError(f"the {name} split of '{cfg.data}' is empty; provide more data or adjust the fractions.")
+    return capped
+
+
+# ---- reading local files ---------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .csv, .jsonl or .json (a list of objects) file."""
+    try:
+        if path.suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if path.suffix == ".jsonl":
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [json.loads(line) for line in lines]
+        if path.suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, list):
+                return data
+            raise DataError(f"{path} must hold a JSON list of objects.")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} cannot be parsed: {exc}") from exc
+    raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .csv, .jsonl, .json or .txt.")
+
+
+def require_columns(rows: list[dict[str, Any]], columns: list[str], where: str) -> None:
+    if not rows:
+        raise DataError(f"{where} has no rows.")
+    available = list(rows[0].keys())
+    for column in columns:
+        if column not in available:
+            raise DataError(
+                f"{where} has no column '{column}' (columns: {available}); name the right one with --text-column, "
+                "--label-column, --prompt-column, --response-column or --image-column."
+            )
+
+
+def _split_files(path: Path) -> dict[str, Path]:
+    """For a directory: its train/validation(val)/test files of one supported type."""
+    found = {}
+    for file in sorted(path.iterdir()):
+        stem = {"val": "validation", "valid": "validation", "dev": "validation"}.get(file.stem, file.stem)
+        if stem in SPLITS and file.suffix in (".csv", ".jsonl", ".json", ".txt"):
+            found[stem] = file
+    return found
+
+
+def _record_splits(cfg: TrainConfig) -> dict[str, list[dict[str, Any]]]:
+    """Records per split from a local file or folder of split files, or from `datasets`."""
+    path = Path(cfg.data)
+    if path.is_file():
+        return {"all": read_records(path)}
+    if path.is_dir():
+        files = _split_files(path)
+        if not files:
+            raise DataError(f"folder {path} holds no train/validation/test .csv/.jsonl/.json files.")
+        return {name: read_records(file) for name, file in files.items()}
+    return _hub_records(cfg)
+
+
+def _hub_records(cfg: TrainConfig) -> dict[str, list[dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"'{cfg.data}' is neither a bundled dataset ({', '.join(BUNDLED)}) nor a local path; to load it from "
+            "the Hugging Face Hub, pip install datasets."
+        ) from exc
+    try:
+        loaded = datasets.load_dataset(cfg.data)
+    except Exception as exc:  # datasets raises many types for unknown ids and offline use
+        raise DataError(
+            f"cannot load dataset '{cfg.data}': not a local path and not loadable from the Hub ({exc})."
+        ) from exc
+    names = {"val": "validation", "valid": "validation", "dev": "validation"}
+    out = {}
+    for split, table in loaded.items():
+        rows = [dict(r) for r in table]
+        feature = table.features.get(cfg.label_column)
+        if getattr(feature, "names", None):  # ClassLabel: store names, not indices
+            for r in rows:
+                r[cfg.label_column] = feature.names[r[cfg.label_column]]
+        out[names.get(split, split)] = rows
+    return out
+
+
+def _assemble(per_split: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]:
+    have = {k: v for k, v in per_split.items() if k in SPLITS}
+    rest = per_split.get("all", have.pop("train", []))
+    return _cap(_carve(rest, have, cfg), cfg)
+
+
+# ---- text classification ---------------------------------------------------------------------------------
+
+
+def _label_ids(splits: dict[str, list[tuple[Any, str]]], labels: list[str] | None, where: str) -> TaskData:
+    if labels is None:
+        seen = sorted({str(y) for _, y in splits["train"]})
+        labels = sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else seen
+    index = {name: i for i, name in enumerate(labels)}
+    out = {}
+    for split, rows in splits.items():
+        for row_number, (_, y) in enumerate(rows, 1):
+            if str(y) not in index:
+                raise DataError(
+                    f"{where}: label '{y}' (row {row_number} of the {split} split) does not occur in the training "
+                    f"labels {labels}."
+                )
+        out[split] = [(x, index[str(y)]) for x, y in rows]
+    return TaskData(out, labels, where)
+
+
+def text_classification(cfg: TrainConfig) -> TaskData:
+    if cfg.data in ("tweets", "bbc"):
+        rows, labels = assets.tweets() if cfg.data == "tweets" else assets.bbc()
+        return _label_ids(_cap(_carve(rows, {}, cfg), cfg), labels, cfg.data)
+    per_split = _record_splits(cfg)
+    for name, rows in per_split.items():
+        require_columns(rows, [cfg.text_column, cfg.label_column], f"{cfg.data} ({name})")
+    pairs = {k: [(str(r[cfg.text_column]), r[cfg.label_column]) for r in v] for k, v in per_split.items()}
+    return _label_ids(_assemble(pairs, cfg), None, cfg.data)
+
+
+# ---- causal language modelling ---------------------------------------------------------------------------
+
+
+def causal_lm(cfg: TrainConfig) -> TaskData:
+    if cfg.data == "chat":
+        return TaskData(_cap(_carve(assets.chat(), {}, cfg), cfg), source="chat")
+    if cfg.data == "shakespeare":  # split by play, so no play is in two splits
+        return TaskData(_cap(_carve([(None, text) for _, text in assets.shakespeare()], {}, cfg), cfg),
+                        source="shakespeare")  # fmt: skip
+    path = Path(cfg.data)
+    if path.is_file() and path.suffix == ".txt":
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        return TaskData(_cap(_carve([(None, p) for p in paragraphs], {}, cfg), cfg), source=cfg.data)
+    per_split = _record_splits(cfg)
+    first = next(iter(per_split.values()))
+    chat_style = bool(first) and cfg.prompt_column in first[0]
+    columns = [cfg.prompt_column, cfg.response_column] if chat_style else [cfg.text_column]
+    for name, rows in per_split.items():
+        require_columns(rows, columns, f"{cfg.data} ({name})")
+    if chat_style:
+        examples = {
+            k: [(str(r[cfg.prompt_column]), str(r[cfg.response_column])) for r in v] for k, v in per_split.items()
+        }
+    else:
+        examples = {k: [(None, str(r[cfg.text_column])) for r in v] for k, v in per_split.items()}
+    return TaskData(_assemble(examples, cfg), source=cfg.data)
+
+
+# ---- image classification --------------------------------------------------------------------------------
+
+
+def _image_folder(root: Path) -> dict[str, list[tuple[Path, str]]]:
+    def scan(folder: Path) -> list[tuple[Path, str]]:
+        return [
+            (f, cls.name)
+            for cls in sorted(p for p in folder.iterdir() if p.is_dir())
+            for f in sorted(cls.iterdir())
+            if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+
+    subdirs = {p.name: p for p in root.iterdir() if p.is_dir()}
+    named = {"val": "validation", "valid": "validation"}
+    if "train" in subdirs:
+        out = {named.get(n, n): scan(p) for n, p in subdirs.items() if named.get(n, n) in SPLITS}
+    else:
+        out = {"all": scan(root)}
+    if not any(out.values()):
+        raise DataError(f"image folder {root} holds no images in class sub-folders (root/<class>/<image>).")
+    return out
+
+
+def image_classification(cfg: TrainConfig) -> TaskData:
+    if cfg.data == "fashion":
+        arrays = assets.fashion_mnist()
+        train = [(img, assets.FASHION_LABELS[y]) for img, y in zip(*arrays["train"], strict=True)]
+        test = [(img, assets.FASHION_LABELS[y]) for img, y in zip(*arrays["test"], strict=True)]
+        random.Random(cfg.split_seed).shuffle(test)
+        return _label_ids(_cap(_carve(train, {"test": test}, cfg), cfg), assets.FASHION_LABELS, "fashion")
+    path = Path(cfg.data)
+    if path.is_dir():
+        return _label_ids(_assemble(_image_folder(path), cfg), None, cfg.data)
+    per_split = _hub_records(cfg)
+    for name, rows in per_split.items():
+        require_columns(rows, [cfg.image_column, cfg.label_column], f"{cfg.data} ({name})")
+    pairs = {k: [(r[cfg.image_column], r[cfg.label_column]) for r in v] for k, v in per_split.items()}
+    return _label_ids(_assemble(pairs, cfg), None, cfg.data)
+
+
+BUNDLED = ("tweets", "bbc", "chat", "shakespeare", "fashion")
+LOADERS = {"text-cls": text_classification, "causal-lm": causal_lm, "image-cls": image_classification}
+
+
+def load_task_data(cfg: TrainConfig) -> TaskData:
+    """The train/validation/test examples of `cfg.data` for `cfg.task`."""
+    bundled_for = {"text-cls": ("tweets", "bbc"), "causal-lm": ("chat", "shakespeare"), "image-cls": ("fashion",)}
+    if cfg.data in BUNDLED and cfg.data not in bundled_for[cfg.task]:
+        raise DataError(f"bundled dataset '{cfg.data}' is not for task {cfg.task}; use {bundled_for[cfg.task]}.")
+    if cfg.data not in BUNDLED and not Path(cfg.data).exists() and "/" not in cfg.data:
+        raise DataError(
+            f"dataset '{cfg.data}' is not a bundled dataset ({', '.join(BUNDLED)}), not an existing path, and not a "
+            "Hugging Face dataset id (owner/name)."
+        )
+    return LOADERS[cfg.task](cfg)
