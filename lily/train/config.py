@@ -56,7 +56,7 @@ class TrainConfig:
     val_fraction: float = _opt(0.1, "Validation share carved out when the source has no validation split.")
     test_fraction: float = _opt(0.1, "Test share carved out when the source has no test split.")
     split_seed: int = _opt(0, "Seed of the train/validation/test split (kept fixed across training seeds).")
-    max_length: int = _opt(64, "Maximum tokens per example (text-cls, causal-lm).")
+    max_length: int | None = _opt(None, "Maximum tokens per example (default: 64 for text-cls, 128 for causal-lm).")
     image_size: int = _opt(56, "Images are resized to this square size (a multiple of the patch size).")
 
     # Lily
@@ -96,6 +96,7 @@ class TrainConfig:
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r}: choose one of {', '.join(choices)}.")
+        self.max_length = self.max_length or (128 if self.task == "causal-lm" else 64)
         for name in ("epochs", "batch_size", "grad_accum", "r", "num_A", "num_B", "max_length", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}.")

@@ -1,0 +1,106 @@
+"""The `lily` command: `lily train`, `lily eval`, `lily predict`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lily.errors import LilyError
+
+
+def _quiet_tokenizers() -> None:
+    """Tokenizers' thread pool warns when the DataLoader forks; we tokenize in the main process anyway."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _load_run(run_dir: str):
+    from lily.train.config import TrainConfig
+    from lily.train.outputs import ADAPTER_DIR, RUN_FILE, RunDirError
+
+    directory = Path(run_dir)
+    if not (directory / RUN_FILE).is_file() or not (directory / ADAPTER_DIR).is_dir():
+        raise RunDirError(f"{directory} holds no finished lily run (run.json and adapter/ are needed).")
+    cfg = TrainConfig(**json.loads((directory / RUN_FILE).read_text()), output_dir=run_dir)
+    return cfg, directory / ADAPTER_DIR
+
+
+def _trained_task(run_dir: str):
+    from lily.train.data import load_task_data
+    from lily.train.methods import load_trained
+    from lily.train.tasks import build_task, head_modules
+
+    cfg, adapter = _load_run(run_dir)
+    task = build_task(cfg, load_task_data(cfg))
+    task.model = load_trained(task.model, cfg, adapter, head_modules(task.model)).eval()
+    return cfg, task
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lily.train.config import config_from_args
+    from lily.train.loop import train
+
+    train(config_from_args(args))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from lily.train.loop import evaluate
+
+    cfg, task = _trained_task(args.run_dir)
+    accelerator = Accelerator(cpu=args.cpu)
+    loader = DataLoader(task.examples(args.split), batch_size=cfg.batch_size, collate_fn=task.collate)
+    model, loader = accelerator.prepare(task.model, loader)
+    print(f"{args.split} {task.metric_name}: {evaluate(task, model, loader, accelerator):.4f}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    inputs = list(args.inputs)
+    if args.input_file:
+        inputs += [line for line in Path(args.input_file).read_text().splitlines() if line.strip()]
+    if not inputs:
+        raise LilyError("give inputs to predict on: texts, prompts or image paths, or --input-file.")
+    _, task = _trained_task(args.run_dir)
+    for text, prediction in zip(inputs, task.predict(task.model, inputs), strict=True):
+        print(f"{text}\t{prediction}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lily.train.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog="lily", description="Lily: low-rank interconnected adaptation across layers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fine-tune a model and evaluate it",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add_arguments(train)
+    train.set_defaults(run=cmd_train)
+    evaluate = commands.add_parser("eval", help="evaluate the adapter of a finished run")
+    evaluate.add_argument("run_dir", help="the --output-dir of a finished `lily train` run")
+    evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="split to score")
+    evaluate.add_argument("--cpu", action="store_true", help="evaluate on the CPU even when a GPU is present")
+    evaluate.set_defaults(run=cmd_eval)
+    predict = commands.add_parser("predict", help="run the adapter of a finished run on new inputs")
+    predict.add_argument("run_dir", help="the --output-dir of a finished `lily train` run")
+    predict.add_argument("inputs", nargs="*", help="texts (text-cls), prompts (causal-lm) or image paths (image-cls)")
+    predict.add_argument("--input-file", help="a file with one input per line")
+    predict.set_defaults(run=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_tokenizers()
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LilyError as exc:
+        print(f"lily {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""`train`: fine-tune, evaluate and save one run, on top of `accelerate`.
+
+The story of a run: check the output directory, load data and model, apply the method, evaluate the
+untouched model on the test split (step 0), train with periodic validation keeping the best weights,
+then test the best weights and write metrics.json and plot.png. A checkpoint is written at the end of
+every epoch and on Ctrl-C; `resume=True` continues from it with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from lily.errors import LilyError
+from lily.train.config import TrainConfig
+from lily.train.data import load_task_data
+from lily.train.methods import (
+    apply_method,
+    load_trainable_state,
+    restore_trained,
+    save_trained,
+    trainable_state,
+)
+from lily.train.outputs import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    Progress,
+    load_checkpoint,
+    prepare_output_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json_atomic,
+    write_plot,
+)
+from lily.train.tasks import Task, build_task, head_modules
+
+
+class TrainingError(LilyError, RuntimeError):
+    """Training cannot go on (non-finite loss, out of memory)."""
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the training set drawn from `seed + epoch`: the same order on every process and resume."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def warmup_then_linear(total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def evaluate(task: Task, model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> float:
+    """The task metric over a whole split (statistics summed over batches and processes)."""
+    was_training = model.training
+    model.eval()
+    totals = None
+    with torch.no_grad():
+        for batch in loader:
+            stats = task.batch_score(model, batch).float()
+            totals = stats if totals is None else totals + stats
+    model.train(was_training)
+    return task.finish(accelerator.reduce(totals, reduction="sum"))
+
+
+def _better(task: Task, new: float, old: float | None) -> bool:
+    return old is None or (new > old if task.higher_is_better else new < old)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _oom_message(cfg: TrainConfig) -> str:
+    return (
+        f"out of memory at --batch-size {cfg.batch_size}: lower --batch-size (raise --grad-accum to keep the "
+        f"effective batch), lower --max-length ({cfg.max_length}) or --image-size ({cfg.image_size}), add "
+        "--gradient-checkpointing, or use --mixed-precision bf16."
+    )
+
+
+def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Run `cfg` end to end and return the metrics written to metrics.json."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = prepare_output_dir(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=cfg.cpu)  # fmt: skip
+    log = log if accelerator.is_main_process else (lambda *a, **k: None)
+    set_seed(cfg.seed)
+    data = load_task_data(cfg)
+    log(f"data {data.source}: " + ", ".join(f"{k} {v:,}" for k, v in data.sizes().items()))
+    task = build_task(cfg, data)
+    head = head_modules(task.model)
+    model, info = apply_method(cfg, task.model, head)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    log(_describe(cfg, info))
+
+    sampler = EpochSampler(len(task.examples("train")), cfg.seed)
+    train_loader = DataLoader(
+        task.examples("train"), batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collate
+    )
+    val_loader = DataLoader(task.examples("validation"), batch_size=cfg.batch_size, collate_fn=task.collate)
+    test_loader = DataLoader(task.examples("test"), batch_size=cfg.batch_size, collate_fn=task.collate)
+    head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
+              {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_lr or cfg.lr}]  # fmt: skip
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or sys.maxsize)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, round(cfg.warmup_ratio * total)))
+    unwrapped = accelerator.unwrap_model(model)
+
+    progress = Progress()
+    if cfg.resume:
+        tensors, state = load_checkpoint(out)
+        load_trainable_state(unwrapped, tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = Progress(**state["progress"])
+        set_rng_state(state["rng"])
+        log(f"resumed at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch})")
+    else:
+        progress.test_before = evaluate(task, model, test_loader, accelerator)
+        log(f"test {task.metric_name} before training (step 0): {progress.test_before:.4f}")
+
+    synced, synced_rng = dataclasses.replace(progress, history=list(progress.history)), rng_state()
+    started = time.perf_counter() - progress.wall_time
+
+    def checkpoint(at: Progress, rng: dict) -> None:
+        at.wall_time = time.perf_counter() - started
+        if accelerator.is_main_process:
+            save_checkpoint(out, trainable_state(unwrapped), optimizer, scheduler, at, rng)
+        accelerator.wait_for_everyone()
+
+    def validate() -> float:
+        metric = evaluate(task, model, val_loader, accelerator)
+        if _better(task, metric, progress.best_metric):
+            progress.best_metric, progress.best_step = metric, progress.step
+            if accelerator.is_main_process:
+                save_trained(unwrapped, cfg, out / ADAPTER_DIR)
+            accelerator.wait_for_everyone()
+        return metric
+
+    def close_epoch() -> None:
+        val = validate()
+        loss = progress.epoch_loss_sum / max(1, progress.epoch_batches)
+        progress.history.append({"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss,
+                                 "val_metric": val})  # fmt: skip
+        log(f"epoch {progress.epoch + 1}: train loss {loss:.4f}, validation {task.metric_name} {val:.4f}")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=progress.step, desc=f"{cfg.method} {cfg.task}", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+    model.train()
+    try:
+        while progress.epoch < cfg.epochs and progress.step < total:
+            sampler.set_epoch(progress.epoch)
+            loader = train_loader
+            if progress.batch_in_epoch:
+                loader = accelerator.skip_first_batches(train_loader, progress.batch_in_epoch)
+            tick, seen = time.perf_counter(), 0
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"the training loss became {loss.item()} at step {progress.step + 1} (epoch "
+                            f"{progress.epoch + 1}); stopped. The last good checkpoint and the best adapter are kept "
+                            f"in {out}. Lower --lr ({cfg.lr}) or --scaling ({cfg.scaling}), or avoid "
+                            "--mixed-precision fp16."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                progress.batch_in_epoch += 1
+                progress.epoch_loss_sum += loss.item()
+                progress.epoch_batches += 1
+                seen += len(next(iter(batch.values())))
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                progress.step += 1
+                synced, synced_rng = dataclasses.replace(progress, history=list(progress.history)), rng_state()
+                bar.update(1)
+                if progress.step % cfg.log_every == 0 or progress.step == total:
+                    rate = seen * accelerator.num_processes / (time.perf_counter() - tick)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", ex_per_s=f"{rate:.1f}")
+                if cfg.eval_every and progress.step % cfg.eval_every == 0:
+                    validate()
+                if progress.step >= total:
+                    break
+            close_epoch()
+            progress.epoch += 1
+            progress.batch_in_epoch, progress.epoch_loss_sum, progress.epoch_batches = 0, 0.0, 0
+            synced, synced_rng = dataclasses.replace(progress, history=list(progress.history)), rng_state()
+            checkpoint(progress, synced_rng)
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint(synced, synced_rng)
+        log(f"\ninterrupted: checkpoint saved at step {synced.step} in {out}; continue with --resume.")
+        raise SystemExit(130) from None
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(_oom_message(cfg)) from exc
+    bar.close()
+
+    restore_trained(unwrapped, cfg, out / ADAPTER_DIR)
+    test = evaluate(task, model, test_loader, accelerator)
+    metrics = {
+        "task": cfg.task,
+        "method": cfg.method,
+        "metric": task.metric_name,
+        "higher_is_better": task.higher_is_better,
+        "parameters": {**dataclasses.asdict(info), "base_model": sum(p.numel() for p in unwrapped.parameters())},
+        "data": data.sizes(),
+        "labels": data.labels,
+        "history": progress.history,
+        "test_before": progress.test_before,
+        "best_val": progress.best_metric,
+        "best_step": progress.best_step,
+        "test": test,
+        "steps": progress.step,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "peak_memory_bytes": peak_memory(accelerator.device),
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "config": cfg.to_dict(),
+    }
+    if accelerator.is_main_process:
+        write_json_atomic(out / METRICS_FILE, metrics)
+        write_plot(out, progress.history, task.metric_name)
+    log(f"test {task.metric_name}: {test:.4f} (before training, step 0: {progress.test_before:.4f})")
+    log(f"best validation {task.metric_name} {progress.best_metric:.4f} at step {progress.best_step}; results in {out}")
+    return metrics
+
+
+def _head_path(model: torch.nn.Module, head: str) -> str:
+    """Where head `head` sits inside a possibly PEFT-wrapped model."""
+    names = [n for n, _ in model.named_modules() if n == head or n.endswith("." + head)]
+    return min(names, key=len)
+
+
+def _describe(cfg: TrainConfig, info: Any) -> str:
+    matched = f"Lily {info.lily_budget:,} vs LoRA r={info.lora_r} {info.lora_params:,}"
+    if cfg.method in ("lily", "lora"):
+        return f"{cfg.method}: {info.adapter:,} adapter + {info.head:,} head parameters (same targets: {matched})"
+    return f"{cfg.method}: {info.trainable:,} trainable parameters ({info.head:,} in the head; {matched})"

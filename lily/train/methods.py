@@ -1,0 +1,155 @@
+"""Fine-tuning methods: Lily, LoRA (PEFT) at Lily's parameter budget, full fine-tuning, head only.
+
+Every method also trains the task head fully (a new classification head must learn), so the methods
+differ only in how the backbone is adapted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lily
+from lily.inject import resolve_routing
+from lily.plan import layer_kind, plan_targets
+from lily.report import type_sizes
+from lily.train.config import TrainConfig
+
+TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("q", "v"))
+TRAINED_FILE = "trained.safetensors"
+
+
+@dataclass
+class MethodInfo:
+    trainable: int
+    """Every trainable parameter (adapter + head)."""
+    adapter: int
+    """Trainable parameters outside the head."""
+    head: int
+    lily_budget: int
+    """Lily's adapter count for the same targets (the budget LoRA is matched to)."""
+    lora_r: int
+    """The LoRA rank used (method lora) or matched to Lily's budget (other methods)."""
+    lora_params: int
+    """LoRA's adapter count at `lora_r` on the same targets."""
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The attention query and value projections under whatever names the architecture uses."""
+    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if layer_kind(m) is not None}
+    for candidate in TARGET_CANDIDATES:
+        if all(c in leaves for c in candidate):
+            return list(candidate)
+    raise lily.TargetError(
+        "could not find attention query/value layers to adapt in this model; pass --targets with module-name suffixes."
+    )
+
+
+def lily_config(cfg: TrainConfig, targets: list[str], head: list[str]) -> lily.LilyConfig:
+    return lily.LilyConfig(
+        target_modules=targets, r=cfg.r, num_A=cfg.num_A, num_B=cfg.num_B, scaling=cfg.scaling, routing=cfg.routing,
+        dropout=cfg.adapter_dropout, trainable_modules=head,
+    )  # fmt: skip
+
+
+def lily_budget(model: nn.Module, config: lily.LilyConfig) -> tuple[int, int]:
+    """(Lily's adapter parameter count, sum of d_in + d_out over the adapted layers) without injecting."""
+    routing, _ = resolve_routing(model, config)
+    plan = plan_targets(model, config)
+    budget = sum(sum(type_sizes(t, config.r, config.num_B, routing)) for t in plan)
+    per_rank = sum(t.num_layers * (t.in_features + t.out_features) for t in plan)
+    return budget, per_rank
+
+
+def matched_lora_rank(budget: int, per_rank: int) -> int:
+    """The LoRA rank whose parameter count r * sum(d_in + d_out) is closest to `budget` (at least 1)."""
+    return max(1, round(budget / per_rank))
+
+
+def apply_method(cfg: TrainConfig, model: nn.Module, head: list[str]) -> tuple[nn.Module, MethodInfo]:
+    """Make `model` trainable the way `cfg.method` says; returns the (possibly wrapped) model and its counts."""
+    targets = cfg.targets or default_targets(model)
+    config = lily_config(cfg, targets, head)
+    budget, per_rank = lily_budget(model, config)
+    lora_r = cfg.lora_r or matched_lora_rank(budget, per_rank)
+    if cfg.method == "lily":
+        lily.inject(model, config)
+    elif cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=lora_r, lora_alpha=cfg.lora_alpha or 2 * lora_r, target_modules=targets,
+                          lora_dropout=cfg.adapter_dropout, modules_to_save=head or None)  # fmt: skip
+        model = get_peft_model(model, lora)
+    else:
+        model.requires_grad_(cfg.method == "full")
+        for name in head:
+            model.get_submodule(name).requires_grad_(True)
+    head_params = {id(p) for n, p in model.named_parameters() if p.requires_grad and _in_head(n, head)}
+    trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+    head_count = sum(n for i, n in trainable.items() if i in head_params)
+    adapter = sum(trainable.values()) - head_count
+    info = MethodInfo(sum(trainable.values()), adapter, head_count, budget, lora_r, lora_r * per_rank)
+    return model, info
+
+
+def _in_head(param_name: str, head: list[str]) -> bool:
+    parts = param_name.split(".")
+    return any(h in parts for h in head)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by parameter name (what a checkpoint must hold to resume)."""
+    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def save_trained(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
+    """The trained weights in the method's own format: a Lily adapter, a PEFT adapter, or the trainable tensors."""
+    if cfg.method == "lily":
+        lily.save_adapter(model, directory)
+    elif cfg.method == "lora":
+        model.save_pretrained(directory)
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(model), directory / TRAINED_FILE)
+
+
+def load_trained(model: nn.Module, cfg: TrainConfig, directory: Path, head: list[str]) -> nn.Module:
+    """A base model with the weights `save_trained` wrote; returns the (possibly wrapped) model."""
+    if cfg.method == "lily":
+        return lily.load_adapter(model, directory)
+    if cfg.method == "lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, directory)
+    model, _ = apply_method(cfg, model, head)
+    load_trainable_state(model, load_file(directory / TRAINED_FILE))
+    return model
+
+
+def restore_trained(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
+    """Copy the weights `save_trained` wrote into `model`, which already has the method applied."""
+    if cfg.method == "lily":
+        from lily.adapter import saved_parameters
+        from lily.io import read_adapter_tensors
+
+        tensors = read_adapter_tensors(directory)
+        with torch.no_grad():
+            for name, param in saved_parameters(model).items():
+                param.copy_(tensors[name])
+    elif cfg.method == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+    else:
+        load_trainable_state(model, load_file(directory / TRAINED_FILE))
