@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
-python -m ruff check lily tests examples
-python -m ruff format --check lily tests examples
+python -m ruff check lily tests benchmarks
+python -m ruff format --check lily tests benchmarks
 python -m pytest -q "$@"

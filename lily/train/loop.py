@@ -122,12 +122,14 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         model.gradient_checkpointing_enable()
     log(_describe(cfg, info))
 
-    sampler = EpochSampler(len(task.examples("train")), cfg.seed)
-    train_loader = DataLoader(
-        task.examples("train"), batch_size=cfg.batch_size, sampler=sampler, collate_fn=task.collate
-    )
-    val_loader = DataLoader(task.examples("validation"), batch_size=cfg.batch_size, collate_fn=task.collate)
-    test_loader = DataLoader(task.examples("test"), batch_size=cfg.batch_size, collate_fn=task.collate)
+    # Each loader gets its own generator: a new iterator otherwise draws from the global RNG, and a resumed
+    # run would then see different dropout masks than an uninterrupted one.
+    def loader(split: str, **kw: Any) -> DataLoader:
+        return DataLoader(task.examples(split), batch_size=cfg.batch_size, collate_fn=task.collate,
+                          generator=torch.Generator().manual_seed(cfg.seed), **kw)  # fmt: skip
+
+    train_loader = loader("train", sampler=EpochSampler(len(task.examples("train")), cfg.seed))
+    val_loader, test_loader = loader("validation"), loader("test")
     head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
@@ -186,10 +188,10 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     model.train()
     try:
         while progress.epoch < cfg.epochs and progress.step < total:
-            sampler.set_epoch(progress.epoch)
             loader = train_loader
             if progress.batch_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, progress.batch_in_epoch)
+            loader.set_epoch(progress.epoch)  # accelerate re-seeds the sampler from this on every pass
             tick, seen = time.perf_counter(), 0
             for batch in loader:
                 with accelerator.accumulate(model):
