@@ -95,6 +95,11 @@ class Task:
     def predict(self, model: torch.nn.Module, inputs: list[str]) -> list[str]:
         raise NotImplementedError
 
+    def label_strings(self, logits: torch.Tensor) -> list[str]:
+        """'label (probability)' of the most likely class of each row."""
+        probs = logits.float().softmax(-1)
+        return [f"{self.data.labels[i]} ({p[i]:.2f})" for p, i in zip(probs, probs.argmax(-1).tolist(), strict=True)]
+
 
 class TextClassification(Task):
     def collate(self, batch):
@@ -107,8 +112,7 @@ class TextClassification(Task):
     def predict(self, model, inputs):
         enc = self.processor(inputs, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
         enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-        probs = model(**enc).logits.float().softmax(-1)
-        return [f"{self.data.labels[i]} ({p[i]:.2f})" for p, i in zip(probs, probs.argmax(-1).tolist(), strict=True)]
+        return self.label_strings(model(**enc).logits)
 
 
 def to_pixels(image: Any, size: int) -> torch.Tensor:
@@ -137,8 +141,7 @@ class ImageClassification(Task):
     def predict(self, model, inputs):
         device = next(model.parameters()).device
         pixels = torch.stack([to_pixels(path, self.cfg.image_size) for path in inputs]).to(device)
-        probs = model(pixel_values=pixels).logits.float().softmax(-1)
-        return [f"{self.data.labels[i]} ({p[i]:.2f})" for p, i in zip(probs, probs.argmax(-1).tolist(), strict=True)]
+        return self.label_strings(model(pixel_values=pixels).logits)
 
 
 @dataclass
@@ -223,20 +226,18 @@ def build_task(cfg: TrainConfig, data: TaskData) -> Task:
     )
 
     transformers.logging.set_verbosity_error()  # a new head's "MISSING weights" load report is expected
+    label_config = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
+                    "label2id": {n: i for i, n in enumerate(data.labels)}}  # fmt: skip
 
     if cfg.task == "image-cls":
-        label_map = {"id2label": dict(enumerate(data.labels)), "label2id": {n: i for i, n in enumerate(data.labels)}}
-        model = _from_pretrained(AutoModelForImageClassification, cfg.model, num_labels=len(data.labels), **label_map)
+        model = _from_pretrained(AutoModelForImageClassification, cfg.model, **label_config)
         _check_head(model, data.labels, cfg.model)
         return ImageClassification(cfg, data, model)
     tokenizer = _from_pretrained(AutoTokenizer, cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.task == "text-cls":
-        label_map = {"id2label": dict(enumerate(data.labels)), "label2id": {n: i for i, n in enumerate(data.labels)}}
-        model = _from_pretrained(
-            AutoModelForSequenceClassification, cfg.model, num_labels=len(data.labels), **label_map
-        )
+        model = _from_pretrained(AutoModelForSequenceClassification, cfg.model, **label_config)
         _check_head(model, data.labels, cfg.model)
         model.config.pad_token_id = tokenizer.pad_token_id
         return TextClassification(cfg, data, model, tokenizer)
