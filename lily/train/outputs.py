@@ -146,6 +146,8 @@ def write_plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
     left.set(xlabel="epoch", ylabel="training loss", title="training loss")
     right.plot(epochs, [h["val_metric"] for h in history], marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     fd, temp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=out)
     os.close(fd)
