@@ -132,3 +132,22 @@ def test_module_entry_point_help():
 
     result = subprocess.run([sys.executable, "-m", "lily", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--num-A" in result.stdout and "--method" in result.stdout
+
+
+def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_dir, text_csv, tmp_path):
+    """The same command under torchrun (2 CPU processes, gloo); evaluation counts each example exactly once."""
+    import subprocess
+    import sys
+
+    single = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "one", epochs=1), log=quiet)
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lily", "train",
+               "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out), "--epochs", "1",
+               "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
+               "--max-test-samples", "none", "--lr", "0.01"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert metrics["steps"] == 5  # 73 examples / (2 processes x 8) per step
+    assert metrics["test_before"] == pytest.approx(single["test_before"])  # same untrained model, same 9 examples

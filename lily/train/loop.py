@@ -32,8 +32,9 @@ from lily.train.outputs import (
     ADAPTER_DIR,
     METRICS_FILE,
     Progress,
+    check_output_dir,
+    claim_output_dir,
     load_checkpoint,
-    prepare_output_dir,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -73,16 +74,19 @@ def warmup_then_linear(total: int, warmup: int):
 
 
 def evaluate(task: Task, model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> float:
-    """The task metric over a whole split (statistics summed over batches and processes)."""
+    """The task metric over a whole split, from per-example statistics gathered over processes.
+
+    `gather_for_metrics` drops the duplicates accelerate pads the last batch with, so every example
+    counts exactly once however many processes share the split.
+    """
     was_training = model.training
     model.eval()
-    totals = None
+    totals = torch.zeros(2, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            stats = task.batch_score(model, batch).float()
-            totals = stats if totals is None else totals + stats
+            totals += accelerator.gather_for_metrics(task.example_scores(model, batch).float()).sum(dim=0)
     model.train(was_training)
-    return task.finish(accelerator.reduce(totals, reduction="sum"))
+    return task.finish(totals)
 
 
 def _better(task: Task, new: float, old: float | None) -> bool:
@@ -108,9 +112,15 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    out = prepare_output_dir(cfg)
+    # accelerate runs several CPU processes (gloo) only when told cpu=True, so say so when there is no GPU.
+    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=cfg.cpu)  # fmt: skip
+                              cpu=cfg.cpu or no_gpu)  # fmt: skip
+    out = check_output_dir(cfg)
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes
+    if accelerator.is_main_process:
+        claim_output_dir(cfg)
+    accelerator.wait_for_everyone()
     log = log if accelerator.is_main_process else (lambda *a, **k: None)
     set_seed(cfg.seed)
     data = load_task_data(cfg)

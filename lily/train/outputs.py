@@ -61,8 +61,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
             os.remove(temp)
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """Check that `cfg.output_dir` is new, holds this same run (to resume), or may be overwritten."""
+def check_output_dir(cfg: TrainConfig) -> Path:
+    """Check, without writing, that `cfg.output_dir` is new, holds this same run (to resume), or may be replaced.
+
+    Every process of a distributed run calls this and reaches the same verdict.
+    """
     out = Path(cfg.output_dir)
     run_file = out / RUN_FILE
     if out.exists() and any(out.iterdir()):
@@ -84,13 +87,18 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
                     f"--output-dir {out} already holds this {what} run; pass --resume to continue it or --overwrite "
                     "to start again."
                 )
-        if cfg.overwrite and not cfg.resume:
-            shutil.rmtree(out)
     if cfg.resume and not (out / CHECKPOINT_DIR).is_dir():
         raise RunDirError(f"--resume: {out} has no checkpoint to resume from; run without --resume first.")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, cfg.run_identity())
     return out
+
+
+def claim_output_dir(cfg: TrainConfig) -> None:
+    """After `check_output_dir`: clear the directory if asked to overwrite, and record this run (main process)."""
+    out = Path(cfg.output_dir)
+    if cfg.overwrite and not cfg.resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / RUN_FILE, cfg.run_identity())
 
 
 def rng_state() -> dict[str, Any]:

@@ -83,11 +83,11 @@ class Task:
     def collate(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def batch_score(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-batch sufficient statistics, summed over batches by `finish`."""
+    def example_scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example statistics (examples x 2), summed over the split and turned into the metric by `finish`."""
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        correct = (logits.argmax(-1) == batch["labels"]).sum().float()
-        return torch.stack([correct, torch.full_like(correct, len(logits))])
+        correct = (logits.argmax(-1) == batch["labels"]).float()
+        return torch.stack([correct, torch.ones_like(correct)], dim=1)
 
     def finish(self, totals: torch.Tensor) -> float:
         return (totals[0] / totals[1]).item()
@@ -193,12 +193,12 @@ class CausalLM(Task):
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    def batch_score(self, model, batch):
+    def example_scores(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                   reduction="sum")  # fmt: skip
-        return torch.stack([losses, (targets != -100).sum().float()])
+                                                   reduction="none")  # fmt: skip
+        return torch.stack([losses.sum(dim=1), (targets != -100).sum(dim=1).float()], dim=1)
 
     def finish(self, totals):
         return math.exp(min((totals[0] / totals[1]).item(), 50.0))
