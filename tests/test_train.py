@@ -151,3 +151,11 @@ def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_
     assert metrics["num_processes"] == 2
     assert metrics["steps"] == 5  # 73 examples / (2 processes x 8) per step
     assert metrics["test_before"] == pytest.approx(single["test_before"])  # same untrained model, same 9 examples
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing_options(tiny_bert_dir, text_csv, tmp_path):
+    cfg = text_cfg(tiny_bert_dir, text_csv, tmp_path / "bf16", epochs=1, mixed_precision="bf16",
+                   gradient_checkpointing=True)  # fmt: skip
+    metrics = train(cfg, log=quiet)
+    assert metrics["config"]["mixed_precision"] == "bf16" and 0 <= metrics["test"] <= 1
+    assert all(h["train_loss"] == h["train_loss"] for h in metrics["history"])  # finite, not NaN
