@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lily.bank import LilyBank
-from lily.routing import apply_experts, expert_weights, make_router, require_mergeable
+from lily.routing import apply_experts, expert_weights, make_router, mix_experts, require_mergeable
 
 
 class RoutingContext:
@@ -81,7 +81,7 @@ class LilyLayer(nn.Module):
         mask = self.context.attention_mask if self.routing == "sample" else None
         weights = expert_weights(self.routing, h, self.router, bank.num_B, mask)
         delta = apply_experts(self.routing, h, experts, weights)
-        return out + self.scaling * delta.to(out.dtype)
+        return torch.add(out, delta.to(out.dtype), alpha=self.scaling)
 
     def _fold(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
         """Add sign * up @ down to the base weight, in its layout ((out, in) Linear, (in, out) Conv1D)."""
@@ -101,7 +101,7 @@ class LilyLayer(nn.Module):
         require_mergeable(self.routing)
         bank = self.bank
         weights = expert_weights(self.routing, bank.B, self.router, bank.num_B)  # fixed modes: h unused
-        up = self.scaling * torch.einsum("e,eor->or", weights, bank.B)
+        up = self.scaling * mix_experts(weights, bank.B)
         self.register_buffer("merged_up", up, persistent=False)
         self.register_buffer("merged_down", bank.A[self.group].detach().clone(), persistent=False)
         self._fold(self.merged_up, self.merged_down, 1.0)

@@ -97,6 +97,12 @@ def expert_weights(
     return (per_position * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
 
 
+def mix_experts(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """sum_e w_e B_e for weights (..., E) and experts (E, d_out, r): one matmul, shape (..., d_out, r)."""
+    num_B, d_out, r = experts.shape
+    return (weights @ experts.reshape(num_B, d_out * r)).reshape(*weights.shape[:-1], d_out, r)
+
+
 def apply_experts(mode: str, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_e w_e (h B_e^T) for experts (E, d_out, r) and weights from `expert_weights`; returns (..., d_out)."""
     num_B, d_out, r = experts.shape
@@ -104,7 +110,7 @@ def apply_experts(mode: str, h: torch.Tensor, experts: torch.Tensor, weights: to
         mixed_hidden = (weights.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., E*r)
         return F.linear(mixed_hidden, experts.permute(1, 0, 2).reshape(d_out, num_B * r))
     if mode == "sample":
-        per_example = torch.einsum("be,eor->bro", weights, experts)  # (examples, r, d_out)
-        out = torch.bmm(_sample_view(h), per_example.to(h.dtype))
+        per_example = mix_experts(weights, experts).to(h.dtype)  # (examples, d_out, r)
+        out = torch.bmm(_sample_view(h), per_example.transpose(1, 2))
         return out.reshape(*h.shape[:-1], d_out)
-    return F.linear(h, torch.einsum("e,eor->or", weights, experts))
+    return F.linear(h, mix_experts(weights, experts))

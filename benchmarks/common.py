@@ -1,0 +1,112 @@
+"""Shared pieces of the benchmarks: contenders built the same way, interleaved timing, memory, result files."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lily
+
+RESULTS = Path(__file__).parent / "results"
+ROUTINGS = ("batch", "sample", "token", "static", "uniform")
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine()}  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def require_input_grad(model: nn.Module) -> None:
+    """Make the embeddings' output require grad, so backward runs through every layer even with no adapter."""
+
+    def hook(module, inputs, output):
+        output.requires_grad_(True)
+
+    model.get_input_embeddings().register_forward_hook(hook)
+
+
+def contenders(base: nn.Module, targets: list[str], r: int, num_A: int, num_B: int) -> dict[str, nn.Module]:
+    """frozen, LoRA at rank r, PEFT's Lily at rank r, ours in every routing mode at rank r, and LoRA at our budget."""
+    import peft
+
+    def fresh() -> nn.Module:
+        model = copy.deepcopy(base)
+        model.requires_grad_(False)
+        return model
+
+    num_layers = sum(1 for name, _ in base.named_modules() if name.endswith("." + targets[0]))
+    out = {"frozen": fresh()}
+    require_input_grad(out["frozen"])
+    out[f"lora r={r}"] = peft.get_peft_model(fresh(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
+    stride = math.ceil(num_layers / num_A)
+    out[f"peft-lily r={r}"] = peft.get_peft_model(
+        fresh(), peft.LilyConfig(r=r, stride_A=stride, num_B=num_B, target_modules=targets)
+    )
+    for mode in ROUTINGS:
+        cfg = lily.LilyConfig(target_modules=targets, r=r, num_A=num_A, num_B=num_B, routing=mode)
+        out[f"lily-{mode} r={r}"] = lily.inject(fresh(), cfg)
+    budget = lily.count_parameters(out[f"lily-sample r={r}"])
+    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
+                   if isinstance(m, nn.Linear) and any(n.endswith("." + t) for t in targets))  # fmt: skip
+    matched = max(1, round(budget / per_rank))
+    out[f"lora r={matched} (Lily budget)"] = peft.get_peft_model(
+        fresh(), peft.LoraConfig(r=matched, lora_alpha=2 * matched, target_modules=targets)
+    )
+    for model in out.values():
+        if model is not out["frozen"]:
+            require_input_grad(model)
+    return out
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def saved_for_backward_bytes(run: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of `run()` (CPU memory proxy)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    loss.backward()
+    return sum(seen.values())
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step, timing the contenders in turn (one warm-up round is dropped)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(repeats + 1):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table + "\n")
