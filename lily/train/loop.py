@@ -110,8 +110,12 @@ def _oom_message(cfg: TrainConfig) -> str:
 def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Run `cfg` end to end and return the metrics written to metrics.json."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    # accelerate keeps one state per process; forget the previous run's (its mixed precision, say) so that
+    # train() can be called again from a notebook. The distributed process group is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     # accelerate runs several CPU processes (gloo) only when told cpu=True, so say so when there is no GPU.
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
