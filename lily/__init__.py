@@ -8,6 +8,7 @@ Three lines put Lily on a model::
 """
 
 from lily.adapter import adapter_parameters, get_adapter, lily_layers
+from lily.analysis import diagnostics, effective_rank, expert_similarity, routing_statistics
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
 from lily.inject import inject, remove
@@ -29,12 +30,16 @@ __all__ = [
     "TargetError",
     "adapter_parameters",
     "count_parameters",
+    "diagnostics",
+    "effective_rank",
+    "expert_similarity",
     "get_adapter",
     "inject",
     "lily_layers",
     "load_adapter",
     "merge",
     "remove",
+    "routing_statistics",
     "save_adapter",
     "summary",
     "unmerge",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,28 +13,6 @@ from lily.errors import LilyError
 def _quiet_tokenizers() -> None:
     """Tokenizers' thread pool warns when the DataLoader forks; we tokenize in the main process anyway."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _load_run(run_dir: str):
-    from lily.train.config import TrainConfig
-    from lily.train.outputs import ADAPTER_DIR, RUN_FILE, RunDirError
-
-    directory = Path(run_dir)
-    if not (directory / RUN_FILE).is_file() or not (directory / ADAPTER_DIR).is_dir():
-        raise RunDirError(f"{directory} holds no finished lily run (run.json and adapter/ are needed).")
-    cfg = TrainConfig(**json.loads((directory / RUN_FILE).read_text()), output_dir=run_dir)
-    return cfg, directory / ADAPTER_DIR
-
-
-def _trained_task(run_dir: str):
-    from lily.train.data import load_task_data
-    from lily.train.methods import load_trained
-    from lily.train.tasks import build_task, head_modules
-
-    cfg, adapter = _load_run(run_dir)
-    task = build_task(cfg, load_task_data(cfg))
-    task.model = load_trained(task.model, cfg, adapter, head_modules(task.model)).eval()
-    return cfg, task
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -50,10 +27,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from lily.train.loop import evaluate
+    from lily.train.runs import load_run
 
-    cfg, task = _trained_task(args.run_dir)
+    task = load_run(args.run_dir)
     accelerator = Accelerator(cpu=args.cpu)
-    loader = DataLoader(task.examples(args.split), batch_size=cfg.batch_size, collate_fn=task.collate)
+    loader = DataLoader(task.examples(args.split), batch_size=task.cfg.batch_size, collate_fn=task.collate)
     model, loader = accelerator.prepare(task.model, loader)
     print(f"{args.split} {task.metric_name}: {evaluate(task, model, loader, accelerator):.4f}")
 
@@ -64,7 +42,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         inputs += [line for line in Path(args.input_file).read_text().splitlines() if line.strip()]
     if not inputs:
         raise LilyError("give inputs to predict on: texts, prompts or image paths, or --input-file.")
-    _, task = _trained_task(args.run_dir)
+    from lily.train.runs import load_run
+
+    task = load_run(args.run_dir)
     for text, prediction in zip(inputs, task.predict(task.model, inputs), strict=True):
         print(f"{text}\t{prediction}")
 

@@ -8,5 +8,6 @@ From a notebook::
 
 from lily.train.config import TrainConfig
 from lily.train.loop import train
+from lily.train.runs import load_run
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "load_run", "train"]
