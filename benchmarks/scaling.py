@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 
 import torch
 
@@ -46,11 +47,37 @@ def overheads(setting: dict[str, int], repeats: int, device: torch.device) -> di
     return {k: 1e3 * (v - medians["frozen"]) for k, v in medians.items() if k != "frozen"}
 
 
+def plot(rows: list[dict], knobs: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(knobs), figsize=(3.2 * len(knobs), 3.2))
+    for ax, knob in zip(axes, knobs, strict=True):
+        sel = [r for r in rows if r["knob"] == knob]
+        for name in ("lora", "lily-sample", "lily-token"):
+            ax.plot([r["value"] for r in sel], [r[f"{name}_ms"] for r in sel], marker="o", label=name)
+        ax.set(xscale="log", xlabel=knob, title=f"vs {knob}")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks([r["value"] for r in sel], [str(r["value"]) for r in sel])
+    axes[0].set_ylabel("training-step overhead (ms)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(RESULTS / "scaling.png", dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from results/scaling.json")
     args = parser.parse_args()
+    if args.plot_only:
+        rows = json.loads((RESULTS / "scaling.json").read_text())["rows"]
+        return plot(rows, list(dict.fromkeys(r["knob"] for r in rows)))
     sweeps = {k: v[:2] for k, v in SWEEPS.items()} if args.quick else SWEEPS
     repeats = 3 if args.quick else args.repeats
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,23 +89,7 @@ def main() -> None:
             rows.append({"knob": knob, "value": value, **{f"{k}_ms": v for k, v in result.items()}})
             print(knob, value, {k: round(v, 2) for k, v in result.items()})
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(3.2 * len(sweeps), 3.2))
-    for ax, knob in zip(axes, sweeps, strict=True):
-        sel = [r for r in rows if r["knob"] == knob]
-        for name in ("lora", "lily-sample", "lily-token"):
-            ax.plot([r["value"] for r in sel], [r[f"{name}_ms"] for r in sel], marker="o", label=name)
-        ax.set(xscale="log", xlabel=knob, title=f"vs {knob}")
-        ax.set_xticks([r["value"] for r in sel], [str(r["value"]) for r in sel])
-    axes[0].set_ylabel("training-step overhead (ms)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "scaling.png", dpi=100)
+    plot(rows, list(sweeps))
     lines = ["| knob | value | LoRA ms | Lily sample ms | Lily token ms |", "|---|---|---|---|---|"]
     for r in rows:
         cells = [r["knob"], str(r["value"]), *(f"{r[k]:.1f}" for k in ("lora_ms", "lily-sample_ms", "lily-token_ms"))]
