@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lily.bank import LilyBank
 from lily.config import LilyConfig
 from lily.errors import InjectionError
 from lily.layer import LilyLayer, RoutingContext
@@ -95,10 +94,6 @@ def lily_layers(model: nn.Module) -> Iterator[tuple[str, LilyLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, LilyLayer):
             yield name, module
-
-
-def banks(model: nn.Module) -> dict[str, LilyBank]:
-    return dict(get_adapter(model).banks.items())
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -138,12 +138,12 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     # Each loader gets its own generator: a new iterator otherwise draws from the global RNG, and a resumed
     # run would then see different dropout masks than an uninterrupted one.
-    def loader(split: str, **kw: Any) -> DataLoader:
+    def make_loader(split: str, **kw: Any) -> DataLoader:
         return DataLoader(task.examples(split), batch_size=cfg.batch_size, collate_fn=task.collate,
                           generator=torch.Generator().manual_seed(cfg.seed), **kw)  # fmt: skip
 
-    train_loader = loader("train", sampler=EpochSampler(len(task.examples("train")), cfg.seed))
-    val_loader, test_loader = loader("validation"), loader("test")
+    train_loader = make_loader("train", sampler=EpochSampler(len(task.examples("train")), cfg.seed))
+    val_loader, test_loader = make_loader("validation"), make_loader("test")
     head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
