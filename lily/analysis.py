@@ -20,7 +20,7 @@ from torch import nn
 
 from lily.adapter import get_adapter, lily_layers
 from lily.layer import LilyLayer
-from lily.routing import DATA_DEPENDENT, expert_weights, mix_experts
+from lily.routing import DATA_DEPENDENT, expert_weights
 
 
 def effective_rank(matrix: torch.Tensor, tolerance: float = 1e-3) -> dict[str, float]:
@@ -53,9 +53,9 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
 
     def hook(name: str, layer: LilyLayer):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            bank = layer.bank
-            h = F.linear(args[0].to(bank.B.dtype), bank.A[layer.group].to(args[0].device))
-            probs = torch.softmax(F.linear(h, layer.router), dim=-1).reshape(-1, bank.num_B).double()
+            num_B = layer.bank.num_B
+            h, _ = layer.low_rank(args[0])
+            probs = expert_weights("token", h, layer.router, num_B).reshape(-1, num_B).double()  # per token
             entry = totals.setdefault(name, {"weights": 0.0, "entropy": 0.0, "tokens": 0})
             entry["weights"] = entry["weights"] + probs.sum(0)
             entry["entropy"] += -(probs * probs.clamp_min(1e-30).log()).sum().item()
@@ -82,8 +82,8 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
 
 def layer_update(layer: LilyLayer, weights: torch.Tensor) -> torch.Tensor:
     """s * B~ A (d_out x d_in) for expert weights `weights` (E,)."""
-    bank = layer.bank
-    return layer.scaling * mix_experts(weights.to(bank.B), bank.B.detach()) @ bank.A[layer.group].detach()
+    up, down = layer.update_factors(weights)
+    return up @ down
 
 
 def diagnostics(model: nn.Module, statistics: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:

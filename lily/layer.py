@@ -66,10 +66,8 @@ class LilyLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return out
+    def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, experts): this layer's hidden h = dropout(x) A_g^T and the B experts, on x's device."""
         bank = self.bank
         a, experts = bank.A[self.group], bank.B
         if a.device != x.device:  # a model split over devices: the shared bank lives on one of them
@@ -77,11 +75,22 @@ class LilyLayer(nn.Module):
         x = self.dropout(x)
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
-        h = F.linear(x, a)
+        return F.linear(x, a), experts
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        h, experts = self.low_rank(x)
         mask = self.context.attention_mask if self.routing == "sample" else None
-        weights = expert_weights(self.routing, h, self.router, bank.num_B, mask)
+        weights = expert_weights(self.routing, h, self.router, self.bank.num_B, mask)
         delta = apply_experts(self.routing, h, experts, weights)
         return torch.add(out, delta.to(out.dtype), alpha=self.scaling)
+
+    def update_factors(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s * B~, A): the update s * B~ A of this layer, as (d_out x r) @ (r x d_in), for expert weights (E,)."""
+        bank = self.bank
+        return self.scaling * mix_experts(weights.to(bank.B), bank.B.detach()), bank.A[self.group].detach()
 
     def _fold(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
         """Add sign * up @ down to the base weight, in its layout ((out, in) Linear, (in, out) Conv1D)."""
@@ -101,9 +110,9 @@ class LilyLayer(nn.Module):
         require_mergeable(self.routing)
         bank = self.bank
         weights = expert_weights(self.routing, bank.B, self.router, bank.num_B)  # fixed modes: h unused
-        up = self.scaling * mix_experts(weights, bank.B)
+        up, down = self.update_factors(weights)
         self.register_buffer("merged_up", up, persistent=False)
-        self.register_buffer("merged_down", bank.A[self.group].detach().clone(), persistent=False)
+        self.register_buffer("merged_down", down.clone(), persistent=False)
         self._fold(self.merged_up, self.merged_down, 1.0)
         self.merged = True
 
