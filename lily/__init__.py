@@ -12,7 +12,7 @@ from lily.analysis import diagnostics, effective_rank, expert_similarity, routin
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
 from lily.inject import inject, remove
-from lily.io import load_adapter, save_adapter
+from lily.io import load_adapter, load_adapter_weights, save_adapter
 from lily.merge import merge, unmerge
 from lily.report import count_parameters, summary
 from lily.routing import ROUTING_MODES
@@ -37,6 +37,7 @@ __all__ = [
     "inject",
     "lily_layers",
     "load_adapter",
+    "load_adapter_weights",
     "merge",
     "remove",
     "routing_statistics",

@@ -144,6 +144,21 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch
         )
 
 
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Copy the tensors saved at `path` into `model`, which already carries that same adapter.
+
+    The file's layer plan and every tensor's name and shape are checked first; nothing is copied on a mismatch.
+    """
+    _copy_checked(model, read_adapter_config(path), read_adapter_tensors(path), str(path))
+
+
+def _copy_checked(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    _check_fits(model, meta, tensors, where)
+    with torch.no_grad():
+        for name, param in saved_parameters(model).items():
+            param.copy_(tensors[name])
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Inject the adapter saved at `path` into a fresh base `model` and load its weights; returns `model`.
 
@@ -153,7 +168,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> model = lily.load_adapter(AutoModelForCausalLM.from_pretrained(base_id), "out/adapter")
     """
     meta = read_adapter_config(path)
-    tensors = read_adapter_tensors(path)
+    tensors = read_adapter_tensors(path)  # a corrupt or truncated file fails here, before the model is touched
     try:
         config = LilyConfig.from_dict(meta["config"])
     except (LilyError, TypeError) as exc:
@@ -163,10 +178,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except LilyError as exc:
         raise CheckpointError(f"adapter at '{path}' does not fit this model: {exc}") from exc
     try:
-        _check_fits(model, meta, tensors, str(path))
-        with torch.no_grad():
-            for name, param in saved_parameters(model).items():
-                param.copy_(tensors[name])
+        _copy_checked(model, meta, tensors, str(path))
     except BaseException:
         remove(model)
         raise

@@ -140,13 +140,7 @@ def load_trained(model: nn.Module, cfg: TrainConfig, directory: Path, head: list
 def restore_trained(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
     """Copy the weights `save_trained` wrote into `model`, which already has the method applied."""
     if cfg.method == "lily":
-        from lily.adapter import saved_parameters
-        from lily.io import read_adapter_tensors
-
-        tensors = read_adapter_tensors(directory)
-        with torch.no_grad():
-            for name, param in saved_parameters(model).items():
-                param.copy_(tensors[name])
+        lily.load_adapter_weights(model, directory)
     elif cfg.method == "lora":
         from peft import set_peft_model_state_dict
 
