@@ -38,36 +38,53 @@ def require_input_grad(model: nn.Module) -> None:
     model.get_input_embeddings().register_forward_hook(hook)
 
 
-def contenders(base: nn.Module, targets: list[str], r: int, num_A: int, num_B: int) -> dict[str, nn.Module]:
-    """frozen, LoRA at rank r, PEFT's Lily at rank r, ours in every routing mode at rank r, and LoRA at our budget."""
+def rank_contenders(
+    base: nn.Module,
+    targets: list[str],
+    r: int,
+    num_A: int,
+    num_B: int,
+    modes: tuple[str, ...] = ROUTINGS,
+    peft_lily: bool = True,
+) -> dict[str, nn.Module]:
+    """Copies of `base`: "frozen", "lora" (rank r, alpha 2r), "peft-lily" (rank r, the same A groups and experts),
+    and "lily-<mode>" (ours at rank r) for each routing mode."""
     import peft
 
     def fresh() -> nn.Module:
-        model = copy.deepcopy(base)
-        model.requires_grad_(False)
-        return model
+        return copy.deepcopy(base).requires_grad_(False)
 
-    num_layers = sum(1 for name, _ in base.named_modules() if name.endswith("." + targets[0]))
-    out = {"frozen": fresh()}
-    require_input_grad(out["frozen"])
-    out[f"lora r={r}"] = peft.get_peft_model(fresh(), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets))
-    stride = math.ceil(num_layers / num_A)
-    out[f"peft-lily r={r}"] = peft.get_peft_model(
-        fresh(), peft.LilyConfig(r=r, stride_A=stride, num_B=num_B, target_modules=targets)
-    )
-    for mode in ROUTINGS:
+    out = {"frozen": fresh(), "lora": peft.get_peft_model(fresh(), peft.LoraConfig(r=r, lora_alpha=2 * r,
+                                                                                  target_modules=targets))}  # fmt: skip
+    if peft_lily:
+        num_layers = sum(1 for name, _ in base.named_modules() if name.endswith("." + targets[0]))
+        stride = math.ceil(num_layers / num_A)
+        out["peft-lily"] = peft.get_peft_model(
+            fresh(), peft.LilyConfig(r=r, stride_A=stride, num_B=num_B, target_modules=targets)
+        )
+    for mode in modes:
         cfg = lily.LilyConfig(target_modules=targets, r=r, num_A=num_A, num_B=num_B, routing=mode)
-        out[f"lily-{mode} r={r}"] = lily.inject(fresh(), cfg)
+        out[f"lily-{mode}"] = lily.inject(fresh(), cfg)
+    return out
+
+
+def contenders(base: nn.Module, targets: list[str], r: int, num_A: int, num_B: int) -> dict[str, nn.Module]:
+    """`rank_contenders` labelled with their rank, plus LoRA at our Lily's budget, for whole transformers
+    (backward runs through every layer, also for the frozen base)."""
+    import peft
+
+    out = {name if name == "frozen" else f"{name} r={r}": model
+           for name, model in rank_contenders(base, targets, r, num_A, num_B).items()}  # fmt: skip
     budget = lily.count_parameters(out[f"lily-sample r={r}"])
     per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
                    if isinstance(m, nn.Linear) and any(n.endswith("." + t) for t in targets))  # fmt: skip
     matched = max(1, round(budget / per_rank))
     out[f"lora r={matched} (Lily budget)"] = peft.get_peft_model(
-        fresh(), peft.LoraConfig(r=matched, lora_alpha=2 * matched, target_modules=targets)
+        copy.deepcopy(base).requires_grad_(False),
+        peft.LoraConfig(r=matched, lora_alpha=2 * matched, target_modules=targets),
     )
     for model in out.values():
-        if model is not out["frozen"]:
-            require_input_grad(model)
+        require_input_grad(model)
     return out
 
 

@@ -10,13 +10,11 @@ rank, all interleaved in one process.
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from torch import nn
 
-import lily
-from benchmarks.common import ROUTINGS, device_info, interleaved_medians, write_results
+from benchmarks.common import device_info, interleaved_medians, rank_contenders, write_results
 
 
 class Stack(nn.Module):
@@ -33,26 +31,8 @@ class Stack(nn.Module):
 
 
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:
-    import peft
-
     torch.manual_seed(0)
-    base = Stack(args.depth, args.width)
-
-    def fresh() -> nn.Module:
-        return copy.deepcopy(base).requires_grad_(False)
-
-    stride = -(-args.depth // args.num_A)
-    models = {
-        "frozen": fresh(),
-        "lora": peft.get_peft_model(fresh(), peft.LoraConfig(r=args.r, target_modules=["proj"])),
-        "peft-lily": peft.get_peft_model(
-            fresh(), peft.LilyConfig(r=args.r, stride_A=stride, num_B=args.num_B, target_modules=["proj"])
-        ),
-    }
-    for mode in ROUTINGS:
-        cfg = lily.LilyConfig(target_modules=["proj"], r=args.r, num_A=args.num_A, num_B=args.num_B, routing=mode)
-        models[f"lily-{mode}"] = lily.inject(fresh(), cfg)
-    return models
+    return rank_contenders(Stack(args.depth, args.width), ["proj"], args.r, args.num_A, args.num_B)
 
 
 def main() -> None:

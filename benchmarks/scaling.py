@@ -10,13 +10,11 @@ routing, interleaved in one process. Writes a plot of the five sweeps.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 import torch
 
-import lily
-from benchmarks.common import RESULTS, device_info, interleaved_medians, write_results
+from benchmarks.common import RESULTS, device_info, interleaved_medians, rank_contenders, write_results
 from benchmarks.layer_overhead import Stack
 
 BASE = {"tokens": 128, "batch": 4, "depth": 16, "r": 16, "num_B": 4}
@@ -26,17 +24,9 @@ WIDTH, NUM_A = 576, 2
 
 def overheads(setting: dict[str, int], repeats: int, device: torch.device) -> dict[str, float]:
     """Training-step overhead (ms) over the frozen stack for each contender at `setting`."""
-    import peft
-
     torch.manual_seed(0)
-    base = Stack(setting["depth"], WIDTH)
-    models = {"frozen": copy.deepcopy(base).requires_grad_(False)}
-    models["lora"] = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=setting["r"], target_modules=["proj"]))
-    for mode in ("sample", "token"):
-        cfg = lily.LilyConfig(
-            target_modules=["proj"], r=setting["r"], num_A=NUM_A, num_B=setting["num_B"], routing=mode
-        )
-        models[f"lily-{mode}"] = lily.inject(copy.deepcopy(base), cfg)
+    models = rank_contenders(Stack(setting["depth"], WIDTH), ["proj"], setting["r"], NUM_A, setting["num_B"],
+                             modes=("sample", "token"), peft_lily=False)  # fmt: skip
     x = torch.randn(setting["batch"], setting["tokens"], WIDTH, device=device)
 
     def step(model: torch.nn.Module) -> None:
