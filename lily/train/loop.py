@@ -170,7 +170,11 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         progress.test_before = evaluate(task, model, test_loader, accelerator)
         log(f"test {task.metric_name} before training (step 0): {progress.test_before:.4f}")
 
-    synced, synced_rng = dataclasses.replace(progress, history=list(progress.history)), rng_state()
+    def snapshot() -> tuple[Progress, dict]:
+        """Progress and RNG state at an optimizer-step boundary: what a checkpoint written later must hold."""
+        return dataclasses.replace(progress, history=list(progress.history)), rng_state()
+
+    synced, synced_rng = snapshot()
     started = time.perf_counter() - progress.wall_time
 
     def checkpoint(at: Progress, rng: dict) -> None:
@@ -230,7 +234,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                     continue
                 scheduler.step()
                 progress.step += 1
-                synced, synced_rng = dataclasses.replace(progress, history=list(progress.history)), rng_state()
+                synced, synced_rng = snapshot()
                 bar.update(1)
                 if progress.step % cfg.log_every == 0 or progress.step == total:
                     rate = seen * accelerator.num_processes / (time.perf_counter() - tick)
@@ -242,7 +246,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             close_epoch()
             progress.epoch += 1
             progress.batch_in_epoch, progress.epoch_loss_sum, progress.epoch_batches = 0, 0.0, 0
-            synced, synced_rng = dataclasses.replace(progress, history=list(progress.history)), rng_state()
+            synced, synced_rng = snapshot()
             checkpoint(progress, synced_rng)
     except KeyboardInterrupt:
         bar.close()

@@ -102,16 +102,18 @@ class Task:
 
 
 class TextClassification(Task):
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenised, padded and truncated the same way for training, evaluation and prediction."""
+        return dict(self.processor(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+                                   return_tensors="pt"))  # fmt: skip
+
     def collate(self, batch):
         texts, labels = zip(*batch, strict=True)
-        enc = self.processor(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt")  # fmt: skip
-        return {**enc, "labels": torch.tensor(labels)}
+        return {**self.encode(list(texts)), "labels": torch.tensor(labels)}
 
     @torch.no_grad()
     def predict(self, model, inputs):
-        enc = self.processor(inputs, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
-        enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+        enc = {k: v.to(next(model.parameters()).device) for k, v in self.encode(inputs).items()}
         return self.label_strings(model(**enc).logits)
 
 
