@@ -2,7 +2,7 @@
 
 Both methods use the same data split, steps, learning rate and schedule; only the adapter differs.
 
-    python benchmarks/default_task.py            # 3 seeds, writes benchmarks/results/default_task.{json,md}
+    python -m benchmarks.default_task            # 3 seeds, writes benchmarks/results/default_task.{json,md}
 """
 
 from __future__ import annotations

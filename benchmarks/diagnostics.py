@@ -4,8 +4,8 @@ Per adapted layer: the effective rank (entropy-based and numerical) of the learn
 typical update, mixed by the layer's mean routing weights on validation data); per target type: the mean
 pairwise cosine similarity of the B experts; per layer: the router entropy against its maximum log(E).
 
-    python benchmarks/diagnostics.py --quick     # 300 training tweets, 1 epoch (~1.5 min on 2 CPU cores)
-    python benchmarks/diagnostics.py             # the default task as `lily train` runs it
+    python -m benchmarks.diagnostics --quick     # 300 training tweets, 1 epoch (~1.5 min on 2 CPU cores)
+    python -m benchmarks.diagnostics             # the default task as `lily train` runs it
 """
 
 from __future__ import annotations

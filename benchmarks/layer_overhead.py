@@ -4,7 +4,7 @@ Whole-model timings on a small CPU bury the adapters' cost in noise; here the fr
 runs through it) is the baseline and each contender's extra time is compared with LoRA's at the same
 rank, all interleaved in one process.
 
-    python benchmarks/layer_overhead.py --quick     # < 1 min on 2 CPU cores
+    python -m benchmarks.layer_overhead --quick     # < 1 min on 2 CPU cores
 """
 
 from __future__ import annotations

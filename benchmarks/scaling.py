@@ -4,7 +4,7 @@ One knob at a time around a base setting (16 x Linear(576), batch 4 x 128 tokens
 the extra training-step time over the frozen stack for LoRA (rank r), and Lily with "sample" and "token"
 routing, interleaved in one process. Writes a plot of the five sweeps.
 
-    python benchmarks/scaling.py --quick     # fewer points and repeats (~1.5 min on 2 CPU cores)
+    python -m benchmarks.scaling --quick     # fewer points and repeats (~1.5 min on 2 CPU cores)
 """
 
 from __future__ import annotations

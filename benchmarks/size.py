@@ -2,7 +2,7 @@
 
 PEFT writes every shared A and B once per layer; we write each tensor once.
 
-    python benchmarks/size.py            # random-weight Llamas of SmolLM2's shape (30 layers) and a wider one
+    python -m benchmarks.size            # random-weight Llamas of SmolLM2's shape (30 layers) and a wider one
 """
 
 from __future__ import annotations

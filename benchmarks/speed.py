@@ -7,8 +7,8 @@ Lily in every routing mode at rank r, and LoRA at our Lily's parameter budget. R
 adapter overhead over the frozen base, its ratio to LoRA's at the same rank, and memory (CUDA max
 allocated on GPU, bytes saved for backward on CPU).
 
-    python benchmarks/speed.py --quick      # < 2 min on 2 CPU cores: one random SmolLM2-sized Llama
-    python benchmarks/speed.py              # bundled MiniLM / SmolLM2 / DINOv2 where installed, random Llamas
+    python -m benchmarks.speed --quick      # < 2 min on 2 CPU cores: one random SmolLM2-sized Llama
+    python -m benchmarks.speed              # bundled MiniLM / SmolLM2 / DINOv2 where installed, random Llamas
 """
 
 from __future__ import annotations

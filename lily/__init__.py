@@ -7,11 +7,11 @@ Three lines put Lily on a model::
     print(lily.summary(model))
 """
 
-from lily.adapter import adapter_parameters, get_adapter, lily_layers
+from lily.adapter import adapter_names, adapter_parameters, disable_adapters, get_adapter, lily_layers, set_adapter
 from lily.analysis import diagnostics, effective_rank, expert_similarity, routing_statistics
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
-from lily.inject import inject, remove
+from lily.inject import delete_adapter, inject, remove
 from lily.io import load_adapter, load_adapter_weights, save_adapter
 from lily.merge import merge, unmerge
 from lily.report import count_parameters, summary
@@ -28,9 +28,12 @@ __all__ = [
     "LilyError",
     "MergeError",
     "TargetError",
+    "adapter_names",
     "adapter_parameters",
     "count_parameters",
+    "delete_adapter",
     "diagnostics",
+    "disable_adapters",
     "effective_rank",
     "expert_similarity",
     "get_adapter",
@@ -42,6 +45,7 @@ __all__ = [
     "remove",
     "routing_statistics",
     "save_adapter",
+    "set_adapter",
     "summary",
     "unmerge",
 ]

@@ -1,23 +1,24 @@
-"""`LilyAdapter`: the state Lily attaches to a model -- config, plan, shared banks, routing context.
+"""The state Lily attaches to a model: `LilyAdapters` (on the root) holding one `LilyAdapter` per name.
 
-It is registered on the model root as `model.lily_adapter`, so `model.to(...)`, `model.state_dict()`
-and `model.parameters()` see each shared A group and B expert exactly once.
+Also the adapter-level operations that need no injection: look-ups, parameters, switching and disabling.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lily.config import LilyConfig
-from lily.errors import InjectionError
-from lily.layer import LilyLayer, RoutingContext
-from lily.plan import TargetType
+from lily.errors import InjectionError, MergeError
+from lily.layer import LilyBranch, LilyLayer, RoutingContext
+from lily.plan import ADAPTER_ATTR, TargetType
 
-ADAPTER_ATTR = "lily_adapter"
+FILE_PREFIX = "lily_adapter"
+"""Prefix of the bank tensors in an adapter file (format version 1)."""
 
 
 class MaskCapture:
@@ -40,29 +41,18 @@ class MaskCapture:
 
 
 class LilyAdapter(nn.Module):
-    """Owner of every shared tensor of one adapted model, plus what `remove` needs to undo injection."""
+    """One named adapter: its config, layer plan and shared banks (their only owner)."""
 
     def __init__(
-        self,
-        config: LilyConfig,
-        plan: list[TargetType],
-        trainable_modules: list[str],
-        routing_reason: str,
-        trainable_before: list[str],
+        self, name: str, config: LilyConfig, plan: list[TargetType], trainable_modules: list[str], routing_reason: str
     ) -> None:
         super().__init__()
+        self.name = name
         self.config = config
         self.plan = plan
         self.trainable_modules = trainable_modules
         self.routing_reason = routing_reason
-        self.trainable_before = trainable_before
         self.banks = nn.ModuleDict()
-        self.context = RoutingContext()
-        self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Identity: when the model root is an `nn.Sequential`, the adapter is its last step and passes through."""
-        return x
 
     @property
     def routing(self) -> str:
@@ -70,23 +60,58 @@ class LilyAdapter(nn.Module):
         return self.config.routing
 
     def extra_repr(self) -> str:
-        return f"routing={self.routing!r}, r={self.config.r}, scaling={self.config.scaling}"
+        return f"name={self.name!r}, routing={self.routing!r}, r={self.config.r}, scaling={self.config.scaling}"
 
 
-def find_adapter(model: nn.Module) -> LilyAdapter | None:
-    adapter = getattr(model, ADAPTER_ATTR, None)
-    return adapter if isinstance(adapter, LilyAdapter) else None
+class LilyAdapters(nn.ModuleDict):
+    """Every named adapter of one model, registered on its root as `model.lily_adapters`, so `model.to(...)`,
+    `model.state_dict()` and `model.parameters()` see each shared A group and B expert exactly once.
+
+    Holds which adapter is active, whether adapters are disabled, the routing context shared by all of
+    them, and what `remove` needs to restore the model.
+    """
+
+    def __init__(self, trainable_before: list[str]) -> None:
+        super().__init__()
+        self.active: str | None = None
+        self.disabled = False
+        self.trainable_before = trainable_before
+        self.context = RoutingContext()
+        self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity: when the model root is an `nn.Sequential`, the adapters are its last step and pass through."""
+        return x
 
 
-def get_adapter(model: nn.Module) -> LilyAdapter:
-    """The model's `LilyAdapter`; raises InjectionError if `lily.inject` was not called on this module."""
-    adapter = find_adapter(model)
-    if adapter is None:
+def find_adapters(model: nn.Module) -> LilyAdapters | None:
+    adapters = getattr(model, ADAPTER_ATTR, None)
+    return adapters if isinstance(adapters, LilyAdapters) else None
+
+
+def get_adapters(model: nn.Module) -> LilyAdapters:
+    """The model's `LilyAdapters`; raises InjectionError if `lily.inject` was not called on this module."""
+    adapters = find_adapters(model)
+    if adapters is None:
         raise InjectionError(
             f"{type(model).__name__} has no Lily adapter; call lily.inject(model, config) or "
             "lily.load_adapter(model, path) on this same module first."
         )
-    return adapter
+    return adapters
+
+
+def get_adapter(model: nn.Module, name: str | None = None) -> LilyAdapter:
+    """The model's adapter called `name` (default: the active one); InjectionError if there is none."""
+    adapters = get_adapters(model)
+    name = adapters.active if name is None else name
+    if name not in adapters:
+        raise InjectionError(f"{type(model).__name__} has no Lily adapter named {name!r}; it has {list(adapters)}.")
+    return adapters[name]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the model's adapters, in the order they were added."""
+    return list(get_adapters(model))
 
 
 def lily_layers(model: nn.Module) -> Iterator[tuple[str, LilyLayer]]:
@@ -96,26 +121,93 @@ def lily_layers(model: nn.Module) -> Iterator[tuple[str, LilyLayer]]:
             yield name, module
 
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every adapter parameter, named as in `model.named_parameters()`: the banks, then each layer's router."""
-    adapter = get_adapter(model)
-    params = {f"{ADAPTER_ATTR}.{name}": param for name, param in adapter.named_parameters()}
+def branches(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, LilyBranch]]:
+    """(layer name, branch) of every layer the adapter `name` (default: the active one) adapts, in model order."""
+    name = get_adapter(model, name).name
     for layer_name, layer in lily_layers(model):
-        for name, param in layer.named_parameters(recurse=False):
-            params[f"{layer_name}.{name}"] = param
+        if name in layer.adapters:
+            yield layer_name, layer.adapters[name]
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Every parameter of adapter `name` (default: the active one), named as in `model.named_parameters()`:
+    its banks, then each layer's router."""
+    adapter = get_adapter(model, name)
+    params = {f"{ADAPTER_ATTR}.{adapter.name}.{n}": p for n, p in adapter.named_parameters()}
+    for layer_name, branch in branches(model, adapter.name):
+        for n, p in branch.named_parameters():
+            params[f"{layer_name}.adapters.{adapter.name}.{n}"] = p
     return params
 
 
-def module_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameters of the base modules named in `LilyConfig.trainable_modules`, by their model names."""
-    adapter = get_adapter(model)
+def module_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """Parameters of the base modules named in the adapter's `LilyConfig.trainable_modules`, by their model names."""
+    adapter = get_adapter(model, name)
     return {
-        f"{module}.{name}": param
+        f"{module}.{n}": param
         for module in adapter.trainable_modules
-        for name, param in model.get_submodule(module).named_parameters()
+        for n, param in model.get_submodule(module).named_parameters()
     }
 
 
-def saved_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """What an adapter file holds: the Lily tensors plus the trainable modules' parameters."""
-    return {**adapter_parameters(model), **module_parameters(model)}
+def saved_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """What an adapter file holds, by file name: the Lily tensors plus the trainable modules' parameters.
+
+    File names do not depend on the adapter's name: banks are `lily_adapter.banks.<type>...` and routers
+    `<layer>.router`, so a file loads under any adapter name.
+    """
+    adapter = get_adapter(model, name)
+    params = {f"{FILE_PREFIX}.{n}": p for n, p in adapter.named_parameters()}
+    for layer_name, branch in branches(model, adapter.name):
+        params.update({f"{layer_name}.{n}": p for n, p in branch.named_parameters()})
+    return {**params, **module_parameters(model, adapter.name)}
+
+
+def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
+    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer)."""
+    active = None if adapters.disabled else adapters.active
+    for _, layer in lily_layers(model):
+        layer.active = active if active in layer.adapters else None
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make adapter `name` the one the model runs and trains: its parameters (and trainable modules) require
+    grad, every other adapter's are frozen. Raises MergeError while another adapter is merged."""
+    adapters = get_adapters(model)
+    get_adapter(model, name)
+    merged = {layer.merged for _, layer in lily_layers(model)} - {None, name}
+    if merged:
+        raise MergeError(f"adapter {merged.pop()!r} is merged into the weights; call lily.unmerge(model) first.")
+    for other in adapters:
+        trainable = other == name
+        for param in adapter_parameters(model, other).values():
+            param.requires_grad_(trainable)
+        for param in module_parameters(model, other).values():
+            param.requires_grad_(trainable)
+    adapters.active = name
+    _sync(model, adapters)
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside the block every adapter is off (a merged one is unmerged, then merged again).
+
+    Example:
+        >>> with lily.disable_adapters(model):
+        ...     reference = model(**batch)
+    """
+    adapters = get_adapters(model)
+    merged = [layer for _, layer in lily_layers(model) if layer.merged is not None]
+    was_disabled = adapters.disabled
+    for layer in merged:
+        layer.unmerge()
+    adapters.disabled = True
+    _sync(model, adapters)
+    try:
+        yield model
+    finally:
+        adapters.disabled = was_disabled
+        _sync(model, adapters)
+        for layer in merged:
+            layer.merge()

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lily.adapter import get_adapter, lily_layers
-from lily.layer import LilyLayer
+from lily.adapter import branches, get_adapter, lily_layers
+from lily.layer import LilyBranch
 from lily.routing import DATA_DEPENDENT, expert_weights
 
 
@@ -51,11 +51,11 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
     """
     totals: dict[str, dict[str, Any]] = {}
 
-    def hook(name: str, layer: LilyLayer):
+    def hook(name: str, branch: LilyBranch):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            num_B = layer.bank.num_B
-            h, _ = layer.low_rank(args[0])
-            probs = expert_weights("token", h, layer.router, num_B).reshape(-1, num_B).double()  # per token
+            num_B = branch.bank.num_B
+            h, _ = branch.low_rank(args[0])
+            probs = expert_weights("token", h, branch.router, num_B).reshape(-1, num_B).double()  # per token
             entry = totals.setdefault(name, {"weights": 0.0, "entropy": 0.0, "tokens": 0})
             entry["weights"] = entry["weights"] + probs.sum(0)
             entry["entropy"] += -(probs * probs.clamp_min(1e-30).log()).sum().item()
@@ -63,8 +63,9 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
 
         return record
 
-    layers = [(n, layer) for n, layer in lily_layers(model) if layer.routing in DATA_DEPENDENT]
-    handles = [layer.register_forward_hook(hook(n, layer)) for n, layer in layers]
+    layers = {n: layer for n, layer in lily_layers(model)}
+    handles = [layers[n].register_forward_hook(hook(n, branch))
+               for n, branch in branches(model) if branch.routing in DATA_DEPENDENT]  # fmt: skip
     was_training = model.training
     model.eval()
     try:
@@ -80,9 +81,9 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
     }
 
 
-def layer_update(layer: LilyLayer, weights: torch.Tensor) -> torch.Tensor:
-    """s * B~ A (d_out x d_in) for expert weights `weights` (E,)."""
-    up, down = layer.update_factors(weights)
+def layer_update(branch: LilyBranch, weights: torch.Tensor) -> torch.Tensor:
+    """s * B~ A (d_out x d_in) of one layer's branch for expert weights `weights` (E,)."""
+    up, down = branch.update_factors(weights)
     return up @ down
 
 
@@ -94,14 +95,14 @@ def diagnostics(model: nn.Module, statistics: dict[str, dict[str, Any]] | None =
     adapter = get_adapter(model)
     statistics = statistics or {}
     layers = []
-    for name, layer in lily_layers(model):
+    for name, layer in branches(model):
         num_B = layer.bank.num_B
         if layer.routing in DATA_DEPENDENT:
             stats = statistics.get(name)
             weights = torch.tensor(stats["mean_weights"]) if stats else torch.full((num_B,), 1.0 / num_B)
             entropy = stats["entropy"] if stats else None
         else:
-            weights, entropy = expert_weights(layer.routing, layer.bank.B, layer.router, num_B).detach(), None
+            weights, entropy = layer.fixed_weights().detach(), None
         layers.append({
             "layer": name, "group": layer.group, "expert_weights": [round(w, 4) for w in weights.tolist()],
             "router_entropy": entropy, "max_entropy": math.log(num_B),

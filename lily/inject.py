@@ -1,4 +1,4 @@
-"""Put Lily adapters on a model (`inject`) and take them off again (`remove`)."""
+"""Put Lily adapters on a model (`inject`) and take them off again (`delete_adapter`, `remove`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,21 @@ import sys
 
 from torch import nn
 
-from lily.adapter import ADAPTER_ATTR, LilyAdapter, MaskCapture, find_adapter, get_adapter, lily_layers
+from lily.adapter import (
+    ADAPTER_ATTR,
+    LilyAdapter,
+    LilyAdapters,
+    MaskCapture,
+    find_adapters,
+    get_adapter,
+    get_adapters,
+    lily_layers,
+    set_adapter,
+)
 from lily.bank import LilyBank
 from lily.config import LilyConfig
-from lily.errors import InjectionError
-from lily.layer import LilyLayer
+from lily.errors import InjectionError, MergeError
+from lily.layer import LilyBranch, LilyLayer
 from lily.plan import check_adaptable, plan_targets, plan_trainable_modules
 from lily.routing import require_mergeable
 
@@ -55,29 +65,55 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, attr, new)
 
 
-def inject(model: nn.Module, config: LilyConfig) -> nn.Module:
-    """Add Lily adapters to `model` in place, freeze every base parameter, and return `model`.
+def _check_name(adapters: LilyAdapters | None, name: str) -> None:
+    if adapters is not None and name in adapters:
+        raise InjectionError(
+            f"the model already has an adapter named {name!r}; pick another name or call "
+            f"lily.delete_adapter(model, {name!r}) first."
+        )
+    if not isinstance(name, str) or not name.isidentifier() or hasattr(LilyAdapters([]), name):
+        raise InjectionError(f"adapter name {name!r} must be a Python identifier (and not a LilyAdapters attribute).")
+
+
+def _check_trainable_modules(adapters: LilyAdapters, modules: list[str]) -> None:
+    for other in adapters.values():
+        for a in modules:
+            for b in other.trainable_modules:
+                if a == b or a.startswith(b + ".") or b.startswith(a + "."):
+                    raise InjectionError(
+                        f"module '{a}' in trainable_modules overlaps '{b}', already trained by adapter "
+                        f"{other.name!r}; each trainable module belongs to one adapter."
+                    )
+
+
+def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Module:
+    """Add a Lily adapter called `name` to `model` in place, make it the active one, and return `model`.
+
+    The first adapter freezes every base parameter. A model can carry several adapters, each with its own
+    config and sharing; `lily.set_adapter` switches between them (only the active one runs and trains).
 
     Example:
         >>> model = lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "v_proj"], r=32))
     """
-    if find_adapter(model) is not None or any(True for _ in lily_layers(model)):
-        raise InjectionError(
-            f"{type(model).__name__} already has Lily adapters; call lily.remove(model) before injecting again."
-        )
     if not isinstance(config, LilyConfig):
         raise InjectionError(f"lily.inject expects a LilyConfig, got {type(config).__name__}.")
+    adapters = find_adapters(model)
+    _check_name(adapters, name)
+    if adapters is None and any(True for _ in lily_layers(model)):
+        raise InjectionError(f"{type(model).__name__} holds Lily layers without their adapters; rebuild the model.")
+    if adapters is not None and any(layer.merged is not None for _, layer in lily_layers(model)):
+        raise MergeError("an adapter is merged into the weights; call lily.unmerge(model) before adding another.")
     plan = plan_targets(model, config)
     trainable_modules = plan_trainable_modules(model, config, plan)
+    if adapters is not None:
+        _check_trainable_modules(adapters, trainable_modules)
     routing, reason = resolve_routing(model, config)
-    trainable_before = [name for name, p in model.named_parameters() if p.requires_grad]
-    adapter = LilyAdapter(
-        dataclasses.replace(config, routing=routing), plan, trainable_modules, reason, trainable_before
-    )
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name in trainable_modules:
-        model.get_submodule(name).requires_grad_(True)
+    if adapters is None:
+        adapters = LilyAdapters([n for n, p in model.named_parameters() if p.requires_grad])
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.add_module(ADAPTER_ATTR, adapters)
+    adapter = LilyAdapter(name, dataclasses.replace(config, routing=routing), plan, trainable_modules, reason)
 
     for target_type in plan:
         first = model.get_submodule(target_type.module_names[0])
@@ -90,46 +126,69 @@ def inject(model: nn.Module, config: LilyConfig) -> nn.Module:
             device=first.weight.device,
         )
         adapter.banks[target_type.key] = bank
-        for name, group in zip(target_type.module_names, target_type.groups, strict=True):
-            module = model.get_submodule(name)
-            layer = LilyLayer(
-                module,
-                check_adaptable(name, module),
-                bank,
-                group,
-                routing,
-                config.scaling,
-                config.dropout,
-                adapter.context,
-            )
-            _replace_module(model, module, layer)
+        for module_name, group in zip(target_type.module_names, target_type.groups, strict=True):
+            module = model.get_submodule(module_name)
+            if not isinstance(module, LilyLayer):
+                layer = LilyLayer(module, check_adaptable(module_name, module))
+                _replace_module(model, module, layer)
+                module = layer
+            module.adapters[name] = LilyBranch(bank, group, routing, config.scaling, config.dropout, adapters.context)
 
-    model.add_module(ADAPTER_ATTR, adapter)
-    if routing == "sample":
-        hook = MaskCapture(adapter.context, model)
-        adapter.hook_handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
-    return model
+    adapters[name] = adapter
+    if routing == "sample" and not adapters.hook_handles:
+        hook = MaskCapture(adapters.context, model)
+        adapters.hook_handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    return set_adapter(model, name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Take adapter `name` off `model` (unmerging it if merged) and return `model`.
+
+    Its trainable modules get back the `requires_grad` they had before the first injection. If another
+    adapter remains and `name` was active, the first remaining one becomes active. Deleting the last
+    adapter is `lily.remove(model)`.
+    """
+    adapters = get_adapters(model)
+    adapter = get_adapter(model, name)
+    if list(adapters) == [name]:
+        return remove(model)
+    for _, layer in list(lily_layers(model)):
+        if name not in layer.adapters:
+            continue
+        if layer.merged == name:
+            layer.unmerge()
+        del layer.adapters[name]
+        if not layer.adapters:
+            _replace_module(model, layer, layer.base_layer)
+    trainable = set(adapters.trainable_before)
+    for module in adapter.trainable_modules:
+        for n, param in model.get_submodule(module).named_parameters():
+            param.requires_grad_(f"{module}.{n}" in trainable)
+    del adapters[name]
+    return set_adapter(model, adapters.active if adapters.active != name else next(iter(adapters)))
 
 
 def remove(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Take the adapters off `model` and return it.
+    """Take every adapter off `model` and return it.
 
     With `merge=False` the original modules come back untouched: bit-identical, unless they were merged
     (then they are unmerged first); `trainable_modules` keep their trained weights. With `merge=True` the
-    update is folded into the base weights for good (input-independent routing only), like PEFT's
-    `merge_and_unload`.
+    active adapter's update is folded into the base weights for good (input-independent routing only),
+    like PEFT's `merge_and_unload`; other adapters are dropped.
     """
-    adapter = get_adapter(model)
+    adapters = get_adapters(model)
     layers = list(lily_layers(model))
     if merge:
-        require_mergeable(adapter.routing)
+        require_mergeable(get_adapter(model).routing)
     for _, layer in layers:
-        layer.merge() if merge else layer.unmerge()
+        layer.unmerge()
+        if merge:
+            layer.merge()
         _replace_module(model, layer, layer.base_layer)
-    for handle in adapter.hook_handles:
+    for handle in adapters.hook_handles:
         handle.remove()
     delattr(model, ADAPTER_ATTR)
-    trainable = set(adapter.trainable_before)
+    trainable = set(adapters.trainable_before)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     return model

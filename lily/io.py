@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lily.adapter import get_adapter, saved_parameters
+from lily.adapter import find_adapters, get_adapter, saved_parameters, set_adapter
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, LilyError
-from lily.inject import inject, remove
+from lily.inject import delete_adapter, inject
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,8 +45,9 @@ def _atomic_writes(directory: Path, writers: dict[str, Callable[[str], None]]) -
                 os.remove(temp)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter of `model` to directory `path`: `adapter_config.json` + `adapter_model.safetensors`.
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+    """Write adapter `name` of `model` (default: the active one) to directory `path`: `adapter_config.json` +
+    `adapter_model.safetensors`.
 
     Only adapter tensors are written, each shared A group and B expert once. Files are written
     atomically: a failed save leaves no partial file.
@@ -54,8 +55,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     Example:
         >>> lily.save_adapter(model, "out/adapter")
     """
-    adapter = get_adapter(model)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in saved_parameters(model).items()}
+    adapter = get_adapter(model, name)
+    tensors = {n: p.detach().to("cpu").contiguous() for n, p in saved_parameters(model, adapter.name).items()}
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -114,8 +115,10 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt or truncated and cannot be read: {exc}.") from exc
 
 
-def _check_fits(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
-    params = saved_parameters(model)
+def _check_fits(
+    model: nn.Module, name: str | None, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+) -> None:
+    params = saved_parameters(model, name)
     missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or unexpected:
         raise CheckpointError(
@@ -123,14 +126,14 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch
             f"{' ...' if len(missing) > 5 else ''}, tensors in the file the model has no place for "
             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}."
         )
-    for name, param in params.items():
-        if tuple(tensors[name].shape) != tuple(param.shape):
+    for key, param in params.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
             raise CheckpointError(
-                f"adapter at '{where}' does not fit this model: tensor '{name}' has shape "
-                f"{tuple(tensors[name].shape)} in the file but {tuple(param.shape)} in the model."
+                f"adapter at '{where}' does not fit this model: tensor '{key}' has shape "
+                f"{tuple(tensors[key].shape)} in the file but {tuple(param.shape)} in the model."
             )
     saved = meta["target_types"]
-    planned = [t.to_dict() for t in get_adapter(model).plan]
+    planned = [t.to_dict() for t in get_adapter(model, name).plan]
     if saved != planned:
         for s, p in zip(saved, planned, strict=False):
             if s != p:
@@ -144,23 +147,27 @@ def _check_fits(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch
         )
 
 
-def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Copy the tensors saved at `path` into `model`, which already carries that same adapter.
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+    """Copy the tensors saved at `path` into adapter `name` of `model` (default: the active one), which already
+    has the same config.
 
     The file's layer plan and every tensor's name and shape are checked first; nothing is copied on a mismatch.
     """
-    _copy_checked(model, read_adapter_config(path), read_adapter_tensors(path), str(path))
+    _copy_checked(model, name, read_adapter_config(path), read_adapter_tensors(path), str(path))
 
 
-def _copy_checked(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
-    _check_fits(model, meta, tensors, where)
+def _copy_checked(
+    model: nn.Module, name: str | None, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
+) -> None:
+    _check_fits(model, name, meta, tensors, where)
     with torch.no_grad():
-        for name, param in saved_parameters(model).items():
-            param.copy_(tensors[name])
+        for key, param in saved_parameters(model, name).items():
+            param.copy_(tensors[key])
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Inject the adapter saved at `path` into a fresh base `model` and load its weights; returns `model`.
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Inject the adapter saved at `path` into `model` as adapter `name`, make it active, load its weights, and
+    return `model`. The model may already carry other adapters.
 
     On any error the model is left as it was.
 
@@ -173,15 +180,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         config = LilyConfig.from_dict(meta["config"])
     except (LilyError, TypeError) as exc:
         raise CheckpointError(f"adapter config at '{path}' is invalid: {exc}") from exc
+    present = find_adapters(model)
+    previous = present.active if present is not None else None
+    if present is not None and name in present:
+        raise CheckpointError(
+            f"cannot load the adapter at '{path}' as {name!r}: the model already has an adapter named {name!r}; "
+            f"pass another name or call lily.delete_adapter(model, {name!r}) first."
+        )
     try:
-        inject(model, config)
+        inject(model, config, name)
     except LilyError as exc:
         raise CheckpointError(f"adapter at '{path}' does not fit this model: {exc}") from exc
     try:
-        _copy_checked(model, meta, tensors, str(path))
+        _copy_checked(model, name, meta, tensors, str(path))
     except BaseException:
-        remove(model)
+        delete_adapter(model, name)
+        if previous is not None:
+            set_adapter(model, previous)
         raise
     if "routing_reason" in meta:
-        get_adapter(model).routing_reason = meta["routing_reason"]
+        get_adapter(model, name).routing_reason = meta["routing_reason"]
     return model

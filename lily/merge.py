@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from lily.adapter import get_adapter, lily_layers
+from lily.adapter import get_adapter, get_adapters, lily_layers
+from lily.errors import MergeError
 from lily.routing import require_mergeable
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold s * B~ A into every adapted weight ("static"/"uniform" routing only); returns `model`.
+    """Fold the active adapter's s * B~ A into its weights ("static"/"uniform" routing only); returns `model`.
 
     Afterwards the adapted layers cost exactly the base layers. Data-dependent routing raises MergeError.
     """
+    adapters = get_adapters(model)
+    if adapters.disabled:
+        raise MergeError("adapters are disabled (inside lily.disable_adapters); merge after the block.")
     require_mergeable(get_adapter(model).routing)
     for _, layer in lily_layers(model):
         layer.merge()
@@ -21,7 +25,7 @@ def merge(model: nn.Module) -> nn.Module:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: subtract exactly what it added; returns `model`."""
-    get_adapter(model)
+    get_adapters(model)
     for _, layer in lily_layers(model):
         layer.unmerge()
     return model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ from torch import nn
 
 from lily.config import LilyConfig
 from lily.errors import ConfigError, TargetError
+from lily.layer import LilyLayer
+
+ADAPTER_ATTR = "lily_adapters"
+"""The attribute of the model root that holds its adapters (`lily.adapter.LilyAdapters`)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,7 @@ def _matched_target(name: str, config: LilyConfig) -> str | None:
 def plan_trainable_modules(model: nn.Module, config: LilyConfig, targets: list[TargetType]) -> list[str]:
     """Names of the base modules `config.trainable_modules` selects; each suffix must select something."""
     adapted = {name for t in targets for name in t.module_names}
-    names = [n for n, _ in model.named_modules() if n and longest_suffix(n, config.trainable_modules)]
+    names = [n for n, _ in base_modules(model) if n and longest_suffix(n, config.trainable_modules)]
     for suffix in config.trainable_modules:
         if not any(longest_suffix(n, [suffix]) for n in names):
             raise TargetError(
@@ -151,9 +156,22 @@ def split_groups(num_layers: int, num_A: int | None, layers_per_A: int | None, w
     return tuple(groups)
 
 
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`model.named_modules()` as the base model has them: a layer another adapter already wraps counts as its
+    base layer, under the layer's own name, and the wrapper's insides and the adapters' own modules are skipped."""
+    inner = {ADAPTER_ATTR + "."}
+    for name, module in model.named_modules():
+        if name == ADAPTER_ATTR or any(name.startswith(prefix) for prefix in inner):
+            continue
+        if isinstance(module, LilyLayer):
+            inner.add(name + ".")
+            module = module.base_layer
+        yield name, module
+
+
 def _example_names(model: nn.Module, limit: int = 12) -> str:
     leaves: dict[str, str] = {}
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         if name and layer_kind(module) is not None:
             leaves.setdefault(name.rsplit(".", 1)[-1], name)
     if not leaves:
@@ -165,7 +183,7 @@ def _example_names(model: nn.Module, limit: int = 12) -> str:
 def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
     """Find every module `config.target_modules` selects and group them into target types."""
     found: dict[tuple[str, int, int], list[str]] = {}
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         if not name:
             continue
         target = _matched_target(name, config)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from lily.adapter import adapter_parameters, get_adapter, module_parameters
+from lily.adapter import adapter_names, adapter_parameters, get_adapter, module_parameters
 from lily.plan import TargetType
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of unique trainable adapter parameters (each shared A and B counted once).
+def count_parameters(model: nn.Module, name: str | None = None) -> int:
+    """Number of unique parameters of adapter `name` (default: the active one; each shared A and B counted once),
+    what training it updates (trainable modules aside).
 
     Example:
         >>> lily.count_parameters(model)
         36864
     """
-    return sum(p.numel() for p in adapter_parameters(model).values() if p.requires_grad)
+    return sum(p.numel() for p in adapter_parameters(model, name).values())
 
 
 def router_size(routing: str, num_layers: int, r: int, num_B: int) -> int:
@@ -32,13 +33,14 @@ def type_sizes(target_type: TargetType, r: int, num_B: int, routing: str) -> tup
     return a, b, router_size(routing, target_type.num_layers, r, num_B)
 
 
-def summary(model: nn.Module) -> str:
-    """A table of the adapter: per target type its layers, shape, A groups, r, and A/B/router counts.
+def summary(model: nn.Module, name: str | None = None) -> str:
+    """A table of adapter `name` (default: the active one): per target type its layers, shape, A groups, r, and
+    A/B/router counts.
 
     Example:
         >>> print(lily.summary(model))
     """
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, name)
     cfg = adapter.config
     header = (
         "target type",
@@ -75,19 +77,19 @@ def summary(model: nn.Module) -> str:
         )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
-        f"Lily adapter on {type(model).__name__}: routing={adapter.routing!r} ({adapter.routing_reason}), "
-        f"scaling={cfg.scaling}, dropout={cfg.dropout}",
+        f"Lily adapter {adapter.name!r} on {type(model).__name__}: routing={adapter.routing!r} "
+        f"({adapter.routing_reason}), scaling={cfg.scaling}, dropout={cfg.dropout}",
         "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    adapter_ids = {id(p) for p in adapter_parameters(model).values()}
+    adapter_ids = {id(p) for other in adapter_names(model) for p in adapter_parameters(model, other).values()}
     base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids)
-    trainable = count_parameters(model)
+    trainable = count_parameters(model, adapter.name)
     lines.append(
         f"trainable adapter parameters: {trainable:,} ({100 * trainable / max(base, 1):.4f}% of the "
         f"{base:,} base parameters)"
     )
     if adapter.trainable_modules:
-        fully = sum(p.numel() for p in module_parameters(model).values() if p.requires_grad)
+        fully = sum(p.numel() for p in module_parameters(model, adapter.name).values())
         lines.append(f"plus {fully:,} parameters in fully trained modules: {', '.join(adapter.trainable_modules)}")
     return "\n".join(lines)

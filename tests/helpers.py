@@ -122,9 +122,10 @@ def reference_delta(
 
 def reference_layer(layer, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """base(x) + s * reference_delta for one adapted layer, from its own parameters."""
-    bank = layer.bank
-    delta = reference_delta(x, bank.A[layer.group], bank.B, layer.router, layer.routing, mask)
-    return layer.base_layer(x) + layer.scaling * delta
+    branch = layer.adapters[layer.active]
+    bank = branch.bank
+    delta = reference_delta(x, bank.A[branch.group], bank.B, branch.router, branch.routing, mask)
+    return layer.base_layer(x) + branch.scaling * delta
 
 
 def capture_layer_io(model: nn.Module, **inputs) -> list[tuple[object, torch.Tensor, torch.Tensor]]:

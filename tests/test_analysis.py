@@ -49,7 +49,8 @@ def test_layer_update_is_what_merge_folds_in():
     randomize_adapter(model)
     _, layer = next(iter(lily.lily_layers(model)))
     before = layer.base_layer.weight.detach().clone()
-    update = layer_update(layer, torch.softmax(layer.router.detach(), -1))
+    branch = layer.adapters["default"]
+    update = layer_update(branch, torch.softmax(branch.router.detach(), -1))
     lily.merge(model)
     torch.testing.assert_close(layer.base_layer.weight - before, update.float(), atol=1e-6, rtol=0)
 

@@ -45,7 +45,7 @@ def test_each_shared_tensor_appears_once_in_state_dict_and_optimizer():
     lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "v_proj"], r=4, num_A=2, num_B=3))
     keys = [k for k in model.state_dict() if ".A." in k or k.endswith(".B")]
     assert sorted(keys) == sorted(
-        f"lily_adapter.banks.{t}.{p}" for t in ("q_proj", "v_proj") for p in ("A.0", "A.1", "B")
+        f"lily_adapters.default.banks.{t}.{p}" for t in ("q_proj", "v_proj") for p in ("A.0", "A.1", "B")
     )
     params = [p for p in model.parameters() if p.requires_grad]
     assert len({id(p) for p in params}) == len(params) == 6 + 8  # 2 A + 1 B per type, 8 routers
@@ -56,7 +56,7 @@ def test_each_shared_tensor_appears_once_in_state_dict_and_optimizer():
 def test_optimizer_step_changes_adapter_only():
     model = tiny_bert()
     lily.inject(model, lily.LilyConfig(target_modules=["query", "value"], r=4, num_B=3))
-    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lily_adapter" not in k and "router" not in k}
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if "lily_" not in k and "router" not in k}
     adapter_before = {k: v.detach().clone() for k, v in lily.adapter_parameters(model).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # frozen ones included on purpose
     inputs = model_inputs("bert")
@@ -107,7 +107,7 @@ def test_inject_twice_is_an_error():
     model = tiny_llama()
     cfg = lily.LilyConfig(target_modules=["q_proj"])
     lily.inject(model, cfg)
-    with pytest.raises(InjectionError, match=r"already has Lily adapters; call lily.remove"):
+    with pytest.raises(InjectionError, match=r"already has an adapter named 'default'; pick another name"):
         lily.inject(model, cfg)
 
 
@@ -124,7 +124,7 @@ def test_remove_restores_the_base_model_bit_identically():
     randomize_adapter(model)
     lily.remove(model)
     assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
-    assert not hasattr(model, "lily_adapter") and not model._forward_pre_hooks
+    assert not hasattr(model, "lily_adapters") and not model._forward_pre_hooks
     sd, ref = model.state_dict(), reference.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in sd)
     assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in reference.parameters()]
@@ -146,9 +146,10 @@ def test_deepcopy_gives_an_independent_adapter():
     lily.inject(model, lily.LilyConfig(target_modules=["q_proj"], r=4, routing="sample"))
     clone = copy.deepcopy(model)
     layer = clone.model.layers[0].self_attn.q_proj
-    assert layer.bank is clone.lily_adapter.banks["q_proj"]
-    assert layer.bank is not model.lily_adapter.banks["q_proj"]
-    assert layer.context is clone.lily_adapter.context
+    branch = layer.adapters["default"]
+    assert branch.bank is clone.lily_adapters["default"].banks["q_proj"]
+    assert branch.bank is not model.lily_adapters["default"].banks["q_proj"]
+    assert branch.context is clone.lily_adapters.context
 
 
 def test_adapters_stay_fp32_on_a_bf16_model_and_follow_model_to():

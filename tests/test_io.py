@@ -80,7 +80,7 @@ def test_truncated_weights_file_is_reported(tmp_path):
     model = fresh()
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         lily.load_adapter(model, tmp_path)
-    assert not hasattr(model, "lily_adapter")
+    assert not hasattr(model, "lily_adapters")
 
 
 def test_corrupt_config_is_reported(tmp_path):
@@ -106,7 +106,7 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
         CheckpointError, match=r"tensor '.*' has shape \([\d, ]+\) in the file but \([\d, ]+\) in the model"
     ):
         lily.load_adapter(model, tmp_path)
-    assert not hasattr(model, "lily_adapter")  # the model is left as it was
+    assert not hasattr(model, "lily_adapters")  # the model is left as it was
     assert not any(True for _ in lily.lily_layers(model))
 
 
@@ -121,7 +121,7 @@ def test_adapter_for_another_model_is_refused(tmp_path):
 def test_loading_into_an_adapted_model_is_refused(tmp_path):
     model = adapted()
     lily.save_adapter(model, tmp_path)
-    with pytest.raises(CheckpointError, match="already has Lily adapters"):
+    with pytest.raises(CheckpointError, match="already has an adapter named 'default'"):
         lily.load_adapter(model, tmp_path)
 
 

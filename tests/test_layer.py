@@ -55,7 +55,7 @@ def test_plain_stack_end_to_end_matches_reference(mode):
     bank = lily.get_adapter(model).banks["layer"]
     for i, (linear, block) in enumerate(zip(base, model, strict=False)):
         layer = block[0]
-        delta = reference_delta(expected, bank.A[i // 2], bank.B, layer.router, mode)
+        delta = reference_delta(expected, bank.A[i // 2], bank.B, layer.adapters["default"].router, mode)
         expected = torch.tanh(linear(expected) + 1.3 * delta)
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 

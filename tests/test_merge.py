@@ -66,7 +66,7 @@ def test_remove_with_merge_folds_the_update():
     model = adapted("gpt2", "uniform")
     before = logits(model, "gpt2")
     lily.remove(model, merge=True)
-    assert not hasattr(model, "lily_adapter")
+    assert not hasattr(model, "lily_adapters")
     torch.testing.assert_close(logits(model, "gpt2"), before, rtol=0, atol=1e-5)
 
 
@@ -79,4 +79,4 @@ def test_data_dependent_routing_refuses_to_merge_and_says_why(routing):
     with pytest.raises(MergeError):
         lily.remove(model, merge=True)
     assert all(torch.equal(layer.base_layer.weight, weights[n]) for n, layer in lily.lily_layers(model))
-    assert hasattr(model, "lily_adapter")
+    assert hasattr(model, "lily_adapters")

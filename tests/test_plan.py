@@ -44,8 +44,9 @@ def test_target_types_never_share_across_names_and_follow_model_order():
     v = plan[1]
     assert (v.in_features, v.out_features) == (32, 16)  # grouped-query attention: 2 KV heads of 8
     layers = dict(lily.lily_layers(model))
-    assert layers["model.layers.0.self_attn.q_proj"].bank is not layers["model.layers.0.self_attn.v_proj"].bank
-    assert layers["model.layers.0.self_attn.q_proj"].bank is layers["model.layers.3.self_attn.q_proj"].bank
+    bank = {name: layer.adapters["default"].bank for name, layer in layers.items()}
+    assert bank["model.layers.0.self_attn.q_proj"] is not bank["model.layers.0.self_attn.v_proj"]
+    assert bank["model.layers.0.self_attn.q_proj"] is bank["model.layers.3.self_attn.q_proj"]
 
 
 def test_regex_targets_group_by_role_not_by_pattern():

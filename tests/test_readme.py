@@ -23,3 +23,12 @@ def test_complete_script_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(python_blocks()[1], "README script", "exec"), {})
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_benchmark_commands_name_importable_modules():
+    import importlib
+
+    modules = set(re.findall(r"python -m (benchmarks\.\w+)", README.read_text()))
+    assert modules, "the README names no benchmark command"
+    for name in modules:
+        assert callable(importlib.import_module(name).main), name
