@@ -12,6 +12,7 @@ from lily.analysis import diagnostics, effective_rank, expert_similarity, routin
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
 from lily.inject import delete_adapter, inject, remove
+from lily.interop import from_peft, to_peft
 from lily.io import load_adapter, load_adapter_weights, save_adapter
 from lily.merge import merge, unmerge
 from lily.report import count_parameters, summary
@@ -36,6 +37,7 @@ __all__ = [
     "disable_adapters",
     "effective_rank",
     "expert_similarity",
+    "from_peft",
     "get_adapter",
     "inject",
     "lily_layers",
@@ -47,5 +49,6 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "summary",
+    "to_peft",
     "unmerge",
 ]

@@ -25,7 +25,7 @@ FORMAT = "lily-adapter"
 FORMAT_VERSION = 1
 
 
-def _atomic_writes(directory: Path, writers: dict[str, Callable[[str], None]]) -> None:
+def atomic_writes(directory: Path, writers: dict[str, Callable[[str], None]]) -> None:
     """Write each named file through a temporary file in `directory`, then rename them all into place.
 
     If any writer fails, every temporary file is deleted and no target file is touched.
@@ -75,7 +75,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         save_file(tensors, temp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
 
     try:
-        _atomic_writes(directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+        atomic_writes(directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
     except BaseException:
         if created and not any(directory.iterdir()):
             directory.rmdir()
