@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +45,35 @@ def atomic_writes(directory: Path, writers: dict[str, Callable[[str], None]]) ->
                 os.remove(temp)
 
 
+def _sharded(params: Iterable[torch.Tensor]) -> bool:
+    """True when parameters are FSDP2 shards (DTensors) of a running process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: FSDP2 shards are all-gathered (a collective: every rank must call)."""
+    return tensor.full_tensor() if _sharded([tensor]) else tensor
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
     """Write adapter `name` of `model` (default: the active one) to directory `path`: `adapter_config.json` +
     `adapter_model.safetensors`.
 
     Only adapter tensors are written, each shared A group and B expert once. Files are written
-    atomically: a failed save leaves no partial file.
+    atomically: a failed save leaves no partial file. Under FSDP2 (`fully_shard`), call it on every rank:
+    the shards are gathered and rank 0 writes.
 
     Example:
         >>> lily.save_adapter(model, "out/adapter")
     """
     adapter = get_adapter(model, name)
-    tensors = {n: p.detach().to("cpu").contiguous() for n, p in saved_parameters(model, adapter.name).items()}
+    tensors = {n: _full(p.detach()).to("cpu").contiguous() for n, p in saved_parameters(model, adapter.name).items()}
+    if _sharded(saved_parameters(model, adapter.name).values()) and torch.distributed.get_rank() != 0:
+        return  # FSDP2: every rank gathered the shards above; rank 0 writes
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -134,6 +134,13 @@ def test_module_entry_point_help():
     assert result.returncode == 0 and "--num-A" in result.stdout and "--method" in result.stdout
 
 
+def test_shipped_accelerate_config_is_valid():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(Path(__file__).resolve().parent.parent / "configs/accelerate/multi_gpu.yaml")
+    assert config.distributed_type.value == "MULTI_GPU" and config.num_processes > 1
+
+
 def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_dir, text_csv, tmp_path):
     """The same command under torchrun (2 CPU processes, gloo); evaluation counts each example exactly once."""
     import subprocess

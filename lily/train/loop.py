@@ -120,6 +120,11 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.cpu or no_gpu)  # fmt: skip
+    if accelerator.distributed_type.name == "FSDP":
+        raise TrainingError(
+            "lily train runs data-parallel (DDP) only; its checkpoints and best-adapter restore expect whole "
+            "tensors. For FSDP, shard with torch's fully_shard in your own loop (README: Multi-process training)."
+        )
     out = check_output_dir(cfg)
     accelerator.wait_for_everyone()  # every process has checked before the main one writes
     if accelerator.is_main_process:
