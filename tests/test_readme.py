@@ -32,3 +32,11 @@ def test_benchmark_commands_name_importable_modules():
     assert modules, "the README names no benchmark command"
     for name in modules:
         assert callable(importlib.import_module(name).main), name
+
+
+def test_several_adapters_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in python_blocks() if "set_adapter" in b)
+    exec(compile(block, "README adapters", "exec"), {})
+    assert "['chat', 'code'] code" in capsys.readouterr().out
+    assert (tmp_path / "out" / "code" / "adapter_config.json").is_file()
