@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from lily.adapter import find_adapters, get_adapter, saved_parameters, set_adapter
 from lily.config import LilyConfig
+from lily.distributed import any_sharded, assign, full_tensor, is_main_process, reshard
 from lily.errors import CheckpointError, LilyError
 from lily.inject import delete_adapter, inject
 
@@ -45,34 +46,21 @@ def atomic_writes(directory: Path, writers: dict[str, Callable[[str], None]]) ->
                 os.remove(temp)
 
 
-def _sharded(params: Iterable[torch.Tensor]) -> bool:
-    """True when parameters are FSDP2 shards (DTensors) of a running process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in params)
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: FSDP2 shards are all-gathered (a collective: every rank must call)."""
-    return tensor.full_tensor() if _sharded([tensor]) else tensor
-
-
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
     """Write adapter `name` of `model` (default: the active one) to directory `path`: `adapter_config.json` +
     `adapter_model.safetensors`.
 
     Only adapter tensors are written, each shared A group and B expert once. Files are written
     atomically: a failed save leaves no partial file. Under FSDP2 (`fully_shard`), call it on every rank:
-    the shards are gathered and rank 0 writes.
+    the shards are gathered and rank 0 writes (`load_adapter_weights` likewise loads into shards).
 
     Example:
         >>> lily.save_adapter(model, "out/adapter")
     """
     adapter = get_adapter(model, name)
-    tensors = {n: _full(p.detach()).to("cpu").contiguous() for n, p in saved_parameters(model, adapter.name).items()}
-    if _sharded(saved_parameters(model, adapter.name).values()) and torch.distributed.get_rank() != 0:
+    params = saved_parameters(reshard(model), adapter.name)
+    tensors = {n: full_tensor(p).to("cpu").contiguous() for n, p in params.items()}
+    if any_sharded(params.values()) and not is_main_process():
         return  # FSDP2: every rank gathered the shards above; rank 0 writes
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -176,10 +164,9 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str | 
 def _copy_checked(
     model: nn.Module, name: str | None, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str
 ) -> None:
-    _check_fits(model, name, meta, tensors, where)
-    with torch.no_grad():
-        for key, param in saved_parameters(model, name).items():
-            param.copy_(tensors[key])
+    _check_fits(reshard(model), name, meta, tensors, where)
+    for key, param in saved_parameters(model, name).items():
+        assign(param, tensors[key])
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lily
+from lily.distributed import fully_shard_blocks
 from tests.helpers import randomize_adapter, tiny_bert
 
 BATCH = 4
@@ -55,11 +56,7 @@ def main() -> None:
         if engine == "ddp":
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
         else:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.bert.encoder.layer:
-                fully_shard(block)
-            wrapped = fully_shard(model)  # the shared banks (model.lily_adapters) stay in the root unit
+            wrapped = fully_shard_blocks(model)  # the shared banks (model.lily_adapters) stay in the root unit
         train_step(wrapped, inputs)
         if engine == "ddp" and rank != 0:
             continue

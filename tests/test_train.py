@@ -160,6 +160,30 @@ def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_
     assert metrics["test_before"] == pytest.approx(single["test_before"])  # same untrained model, same 9 examples
 
 
+def test_fsdp_under_torchrun_trains_like_ddp_and_resumes(tiny_bert_dir, text_csv, tmp_path):
+    """--fsdp (FSDP2, 2 CPU processes) reaches the adapter DDP reaches; its checkpoint loads back with --resume."""
+    import subprocess
+    import sys
+
+    def run(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lily", "train",
+                   "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out), "--epochs", "2",
+                   "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
+                   "--max-test-samples", "none", "--lr", "0.01", *extra]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "metrics.json").read_text())
+
+    ddp, fsdp = run(tmp_path / "ddp"), run(tmp_path / "fsdp", "--fsdp")
+    assert fsdp["steps"] == ddp["steps"] == 10 and fsdp["config"]["fsdp"]
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("ddp", "fsdp"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max(a[k].abs().max().item() for k in a if k.endswith(".B")) > 1e-3  # B moved away from its zero start
+    assert fsdp["test"] == pytest.approx(ddp["test"]) and fsdp["best_val"] == pytest.approx(ddp["best_val"])
+    resumed = run(tmp_path / "fsdp", "--fsdp", "--resume")  # every step done: loads the checkpoint, tests again
+    assert resumed["test"] == pytest.approx(fsdp["test"])
+
+
 def test_bf16_mixed_precision_and_gradient_checkpointing_options(tiny_bert_dir, text_csv, tmp_path):
     cfg = text_cfg(tiny_bert_dir, text_csv, tmp_path / "bf16", epochs=1, mixed_precision="bf16",
                    gradient_checkpointing=True)  # fmt: skip

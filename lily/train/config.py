@@ -84,6 +84,11 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _opt("no", "no, bf16 or fp16 (accelerate mixed precision).", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
+    fsdp: bool = _opt(
+        False,
+        "Shard parameters, gradients and optimizer state across processes with FSDP2 (launch with torchrun; "
+        "--method lily). Default: data-parallel (DDP).",
+    )
     seed: int = _opt(0, "Seed of initialisation, data order and dropout.")
     eval_every: int = _opt(0, "Evaluate every N optimizer steps (0: at the end of each epoch).")
     log_every: int = _opt(10, "Update the progress bar's loss every N steps.")
@@ -100,6 +105,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "r", "num_A", "num_B", "max_length", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}.")
+        if self.fsdp and self.method != "lily":
+            raise ConfigError(f"--fsdp supports --method lily only, got --method {self.method}.")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}.")
         if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from lily.distributed import fully_shard_blocks, reshard
 from lily.errors import LilyError
 from lily.train.config import TrainConfig
 from lily.train.data import load_task_data
@@ -93,6 +94,27 @@ def _better(task: Task, new: float, old: float | None) -> bool:
     return old is None or (new > old if task.higher_is_better else new < old)
 
 
+def whole_optimizer_state(model: torch.nn.Module, optimizer: Any, sharded: bool) -> dict[str, Any]:
+    """The optimizer's state dict; with FSDP2, gathered whole (a collective) in a layout keyed by parameter name."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(reshard(model), optimizer.optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: Any, state: dict[str, Any], sharded: bool) -> None:
+    """Inverse of `whole_optimizer_state` (every rank passes the whole state)."""
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(reshard(model), optimizer.optimizer, state, options=options)
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -122,8 +144,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                               cpu=cfg.cpu or no_gpu)  # fmt: skip
     if accelerator.distributed_type.name == "FSDP":
         raise TrainingError(
-            "lily train runs data-parallel (DDP) only; its checkpoints and best-adapter restore expect whole "
-            "tensors. For FSDP, shard with torch's fully_shard in your own loop (README: Multi-process training)."
+            "lily train does not use accelerate's FSDP plugin; launch with torchrun (or accelerate's multi-GPU "
+            "config) and pass --fsdp, which shards with FSDP2 and Lily's wrap policy."
         )
     out = check_output_dir(cfg)
     accelerator.wait_for_everyone()  # every process has checked before the main one writes
@@ -139,6 +161,9 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     model, info = apply_method(cfg, task.model, head)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.fsdp:  # before the optimizer is built: sharding replaces the parameters
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        model = fully_shard_blocks(model.to(accelerator.device), param_dtype=dtype)
     log(_describe(cfg, info))
 
     # Each loader gets its own generator: a new iterator otherwise draws from the global RNG, and a resumed
@@ -154,9 +179,14 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
               {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_lr or cfg.lr}]  # fmt: skip
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader
-    )
+    if cfg.fsdp:  # FSDP2 syncs its own gradients; accelerate must not wrap the model in DDP
+        optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+            optimizer, train_loader, val_loader, test_loader
+        )
+    else:
+        model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+            model, optimizer, train_loader, val_loader, test_loader
+        )
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or sys.maxsize)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, round(cfg.warmup_ratio * total)))
@@ -166,7 +196,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     if cfg.resume:
         tensors, state = load_checkpoint(out)
         load_trainable_state(unwrapped, tensors)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(unwrapped, optimizer, state["optimizer"], cfg.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         progress = Progress(**state["progress"])
         set_rng_state(state["rng"])
@@ -184,15 +214,17 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     def checkpoint(at: Progress, rng: dict) -> None:
         at.wall_time = time.perf_counter() - started
+        tensors = trainable_state(unwrapped)  # with --fsdp, every rank gathers
+        optimizer_state = whole_optimizer_state(unwrapped, optimizer, cfg.fsdp)
         if accelerator.is_main_process:
-            save_checkpoint(out, trainable_state(unwrapped), optimizer, scheduler, at, rng)
+            save_checkpoint(out, tensors, optimizer_state, scheduler, at, rng)
         accelerator.wait_for_everyone()
 
     def validate() -> float:
         metric = evaluate(task, model, val_loader, accelerator)
         if _better(task, metric, progress.best_metric):
             progress.best_metric, progress.best_step = metric, progress.step
-            if accelerator.is_main_process:
+            if accelerator.is_main_process or cfg.fsdp:  # with --fsdp every rank gathers, the main one writes
                 save_trained(unwrapped, cfg, out / ADAPTER_DIR)
             accelerator.wait_for_everyone()
         return metric

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lily
+from lily.distributed import assign, full_tensor, reshard
 from lily.inject import resolve_routing
 from lily.plan import layer_kind, plan_targets
 from lily.report import type_sizes
@@ -103,14 +104,13 @@ def _in_head(param_name: str, head: list[str]) -> bool:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable tensor by parameter name (what a checkpoint must hold to resume)."""
-    return {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: full_tensor(p).to("cpu").contiguous() for n, p in reshard(model).named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)
+    params = dict(reshard(model).named_parameters())
+    for name, tensor in state.items():
+        assign(params[name], tensor)
 
 
 def save_trained(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:

@@ -117,13 +117,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    out: Path, tensors: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, progress: Progress, rng: dict
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler: Any,
+    progress: Progress,
+    rng: dict,
 ) -> None:
     """Write the resumable state to out/checkpoint, replacing the previous one only once complete."""
     temp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
     try:
         save_file(tensors, temp / "trainable.safetensors")
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+        state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng,
                  "progress": asdict(progress)}  # fmt: skip
         torch.save(state, temp / "state.pt")
         final, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".old")
