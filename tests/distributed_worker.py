@@ -53,10 +53,9 @@ def main() -> None:
     inputs = {k: v[rank * share : (rank + 1) * share] for k, v in batch().items()}
     for routing in routings:
         model = adapted_bert(routing)
-        if engine == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            wrapped = fully_shard_blocks(model)  # the shared banks (model.lily_adapters) stay in the root unit
+        # FSDP2: the shared banks (model.lily_adapters) stay in the root unit
+        ddp = engine == "ddp"
+        wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp else fully_shard_blocks(model)
         train_step(wrapped, inputs)
         if engine == "ddp" and rank != 0:
             continue
