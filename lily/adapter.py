@@ -14,8 +14,9 @@ from torch import nn
 
 from lily.config import LilyConfig
 from lily.errors import InjectionError, MergeError
-from lily.layer import LilyBranch, LilyLayer, RoutingContext
+from lily.layer import LilyBranch, LilySite, RoutingContext
 from lily.plan import ADAPTER_ATTR, TargetType
+from lily.routing import require_mergeable
 
 FILE_PREFIX = "lily_adapter"
 """Prefix of the bank tensors in an adapter file (format version 1)."""
@@ -58,6 +59,13 @@ class LilyAdapter(nn.Module):
     def routing(self) -> str:
         assert self.config.routing is not None
         return self.config.routing
+
+    def require_mergeable(self) -> None:
+        """Raise MergeError unless this adapter's update can be folded into the weights."""
+        require_mergeable(self.routing)
+        parallel = [t.target for t in self.plan if t.placement == "parallel"]
+        if parallel:
+            raise MergeError(f"adapter {self.name!r} has parallel adapters ({parallel}), which cannot be merged.")
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, routing={self.routing!r}, r={self.config.r}, scaling={self.config.scaling}"
@@ -114,10 +122,11 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(get_adapters(model))
 
 
-def lily_layers(model: nn.Module) -> Iterator[tuple[str, LilyLayer]]:
-    """(name, layer) of every adapted layer, in model order."""
+def lily_layers(model: nn.Module) -> Iterator[tuple[str, LilySite]]:
+    """(name, site) of every adapted layer (`LilyLayer`) and parallel adapter slot (`ParallelSlot`), in model
+    order."""
     for name, module in model.named_modules():
-        if isinstance(module, LilyLayer):
+        if isinstance(module, LilySite):
             yield name, module
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lily.adapter import branches, get_adapter, lily_layers
-from lily.layer import LilyBranch
+from lily.layer import LilyBranch, LilyLayer
 from lily.routing import DATA_DEPENDENT, expert_weights
 
 
@@ -63,9 +63,9 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
 
         return record
 
-    layers = {n: layer for n, layer in lily_layers(model)}
+    layers = {n: layer for n, layer in lily_layers(model) if isinstance(layer, LilyLayer)}  # not parallel slots
     handles = [layers[n].register_forward_hook(hook(n, branch))
-               for n, branch in branches(model) if branch.routing in DATA_DEPENDENT]  # fmt: skip
+               for n, branch in branches(model) if branch.routing in DATA_DEPENDENT and n in layers]  # fmt: skip
     was_training = model.training
     model.eval()
     try:

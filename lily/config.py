@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lily.errors import ConfigError
+from lily.layer import ACTIVATIONS
 from lily.routing import ROUTING_MODES
 
 
@@ -52,6 +53,22 @@ class LilyConfig:
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    parallel_modules: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Blocks that get a parallel adapter: its A reads the block's input and its update is added "
+            "to the block's output (the paper's ViT MLP adapter). An entry is a module-name suffix ('mlp'), "
+            "or 'source>sink' to read the input of `source` and add to the output of the module `sink` "
+            "names relative to the source's parent ('intermediate>output.dense' in Hugging Face ViT)."
+        },
+    )
+    parallel_r: int | None = field(
+        default=None, metadata={"help": "Rank of the parallel adapters (default 2 * r, as in the paper's ViT code)."}
+    )
+    parallel_activation: str | None = field(
+        default="relu",
+        metadata={"help": "Nonlinearity on h of the parallel adapters: 'relu' (the paper's), 'gelu' or None."},
+    )
     trainable_modules: list[str] = field(
         default_factory=list,
         metadata={
@@ -97,6 +114,27 @@ class LilyConfig:
                 f"LilyConfig.trainable_modules must be a list of module-name suffixes, got {self.trainable_modules!r}."
             )
         self.trainable_modules = list(self.trainable_modules)
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        entries = self.parallel_modules
+        if isinstance(entries, str) or not all(isinstance(e, str) and e for e in entries):
+            raise ConfigError(f"LilyConfig.parallel_modules must be a list of module names, got {entries!r}.")
+        self.parallel_modules = list(entries)
+        for entry in self.parallel_modules:
+            if entry.count(">") > 1 or not all(entry.split(">")):
+                raise ConfigError(f"LilyConfig.parallel_modules entry {entry!r} must be 'block' or 'source>sink'.")
+        if self.parallel_r is not None and (
+            isinstance(self.parallel_r, bool) or not isinstance(self.parallel_r, int) or self.parallel_r < 1
+        ):
+            raise ConfigError(f"LilyConfig.parallel_r must be a positive integer or None, got {self.parallel_r!r}.")
+        if self.parallel_activation not in (None, *ACTIVATIONS):
+            raise ConfigError(
+                f"LilyConfig.parallel_activation={self.parallel_activation!r}: choose one of "
+                f"{', '.join(map(repr, ACTIVATIONS))} or None."
+            )
+        if self.parallel_r is None and self.parallel_modules:
+            self.parallel_r = 2 * self.r
 
     def _check_targets(self) -> None:
         targets = self.target_modules
@@ -109,11 +147,13 @@ class LilyConfig:
         if isinstance(targets, tuple | set | frozenset):
             targets = sorted(targets) if isinstance(targets, set | frozenset) else list(targets)
             self.target_modules = targets
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
             raise ConfigError(
-                "LilyConfig.target_modules must be a non-empty list of module-name suffixes or one regex "
-                f"string, got {self.target_modules!r}."
+                "LilyConfig.target_modules must be a list of module-name suffixes or one regex string, got "
+                f"{self.target_modules!r}."
             )
+        if not targets and not self.parallel_modules:
+            raise ConfigError("LilyConfig.target_modules is empty and there are no parallel_modules: nothing to adapt.")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the config."""

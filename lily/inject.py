@@ -21,9 +21,8 @@ from lily.adapter import (
 from lily.bank import LilyBank
 from lily.config import LilyConfig
 from lily.errors import InjectionError, MergeError
-from lily.layer import LilyBranch, LilyLayer
+from lily.layer import SLOT_ATTR, LilyBranch, LilyLayer, LilySite, ParallelSlot
 from lily.plan import check_adaptable, plan_targets, plan_trainable_modules
-from lily.routing import require_mergeable
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -115,30 +114,61 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
         model.add_module(ADAPTER_ATTR, adapters)
     adapter = LilyAdapter(name, dataclasses.replace(config, routing=routing), plan, trainable_modules, reason)
 
-    for target_type in plan:
-        first = model.get_submodule(target_type.module_names[0])
-        bank = LilyBank(
-            target_type.in_features,
-            target_type.out_features,
-            config.r,
-            target_type.num_A,
-            config.num_B,
-            device=first.weight.device,
-        )
-        adapter.banks[target_type.key] = bank
-        for module_name, group in zip(target_type.module_names, target_type.groups, strict=True):
-            module = model.get_submodule(module_name)
-            if not isinstance(module, LilyLayer):
-                layer = LilyLayer(module, check_adaptable(module_name, module))
-                _replace_module(model, module, layer)
-                module = layer
-            module.adapters[name] = LilyBranch(bank, group, routing, config.scaling, config.dropout, adapters.context)
+    for t in plan:
+        device = next(model.get_submodule(t.module_names[0]).parameters()).device
+        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, device=device)
+        adapter.banks[t.key] = bank
+        for i, (module_name, group) in enumerate(zip(t.module_names, t.groups, strict=True)):
+            if t.placement == "parallel":
+                site: LilySite = _parallel_slot(model, t.sources[i], module_name)
+            else:
+                site = _layer(model, module_name)
+            site.adapters[name] = LilyBranch(
+                bank, group, routing, config.scaling, config.dropout, adapters.context, t.activation
+            )
 
     adapters[name] = adapter
     if routing == "sample" and not adapters.hook_handles:
         hook = MaskCapture(adapters.context, model)
         adapters.hook_handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
     return set_adapter(model, name)
+
+
+def _layer(model: nn.Module, name: str) -> LilyLayer:
+    """The LilyLayer at `name`, wrapping the base layer there first if needed."""
+    module = model.get_submodule(name)
+    if isinstance(module, LilyLayer):
+        return module
+    layer = LilyLayer(module, check_adaptable(name, module))
+    _replace_module(model, module, layer)
+    return layer
+
+
+def _parallel_slot(model: nn.Module, source: str, sink: str) -> ParallelSlot:
+    """The ParallelSlot on module `sink` (reading the input of `source`), created if needed."""
+    sink_module = model.get_submodule(sink)
+    slot = getattr(sink_module, SLOT_ATTR, None)
+    if isinstance(slot, ParallelSlot):
+        if slot.source != source:
+            raise InjectionError(f"'{sink}' already has a parallel adapter reading '{slot.source}', not '{source}'.")
+        return slot
+    if isinstance(sink_module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
+        raise InjectionError(
+            f"parallel adapter sink '{sink}' is a {type(sink_module).__name__}; a container cannot hold the "
+            "adapter's slot. Point parallel_modules at the block module instead."
+        )
+    slot = ParallelSlot(model.get_submodule(source), sink_module, source)
+    sink_module.add_module(SLOT_ATTR, slot)
+    return slot
+
+
+def _drop_site(model: nn.Module, name: str, site: LilySite) -> None:
+    """Take an adapter site with no adapters left off the model."""
+    if isinstance(site, LilyLayer):
+        _replace_module(model, site, site.base_layer)
+    elif isinstance(site, ParallelSlot):
+        site.detach_hooks()
+        delattr(model.get_submodule(name.rpartition(".")[0]), SLOT_ATTR)
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -152,14 +182,14 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     adapter = get_adapter(model, name)
     if list(adapters) == [name]:
         return remove(model)
-    for _, layer in list(lily_layers(model)):
+    for layer_name, layer in list(lily_layers(model)):
         if name not in layer.adapters:
             continue
         if layer.merged == name:
             layer.unmerge()
         del layer.adapters[name]
         if not layer.adapters:
-            _replace_module(model, layer, layer.base_layer)
+            _drop_site(model, layer_name, layer)
     trainable = set(adapters.trainable_before)
     for module in adapter.trainable_modules:
         for n, param in model.get_submodule(module).named_parameters():
@@ -179,12 +209,12 @@ def remove(model: nn.Module, merge: bool = False) -> nn.Module:
     adapters = get_adapters(model)
     layers = list(lily_layers(model))
     if merge:
-        require_mergeable(get_adapter(model).routing)
-    for _, layer in layers:
+        get_adapter(model).require_mergeable()
+    for layer_name, layer in layers:
         layer.unmerge()
         if merge:
             layer.merge()
-        _replace_module(model, layer, layer.base_layer)
+        _drop_site(model, layer_name, layer)
     for handle in adapters.hook_handles:
         handle.remove()
     delattr(model, ADAPTER_ATTR)

@@ -82,6 +82,11 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
             f"to_peft: PEFT's Lily routes by the batch mean only; adapter {adapter.name!r} uses "
             f"routing={adapter.routing!r}. Train with LilyConfig(routing='batch') to export."
         )
+    parallel = [t.target for t in adapter.plan if t.placement == "parallel"]
+    if parallel:
+        raise CheckpointError(
+            f"to_peft: PEFT's Lily has no parallel adapters; adapter {adapter.name!r} has {parallel}."
+        )
     layers = dict(branches(model, adapter.name))
     named = dict(model.named_modules())
     conv = [n for n in layers if named[n].kind != "linear"]

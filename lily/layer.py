@@ -1,6 +1,8 @@
-"""`LilyLayer`: one adapted Linear/Conv1D layer; `LilyBranch`: one named adapter's forward maths on it.
+"""Where adapters attach: `LilyLayer` wraps one Linear/Conv1D layer; `ParallelSlot` adds a parallel adapter to a
+block's output. `LilyBranch` is one named adapter's forward maths at such a site.
 
-h     = dropout(x) A_g^T                      (..., r)     A_g: this layer's A group (shared)
+h     = phi(dropout(x) A_g^T)                 (..., r)     A_g: this layer's A group (shared); phi: identity,
+                                                           or ReLU/GELU for parallel adapters
 w     = routing weights of h                  see lily.routing
 y     = base(x) + s * sum_e w_e (h B_e^T)     B_e: the target type's experts (shared)
 """
@@ -12,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lily.bank import LilyBank
+from lily.errors import MergeError
 from lily.routing import apply_experts, expert_weights, make_router, mix_experts, require_mergeable
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+"""Nonlinearities a parallel adapter may apply to h (the paper's ViT MLP adapter uses ReLU)."""
+
+
+SLOT_ATTR = "lily_parallel"
+"""The attribute of a parallel adapter's sink module that holds its `ParallelSlot`."""
 
 
 class RoutingContext:
@@ -38,12 +48,14 @@ class LilyBranch(nn.Module):
         scaling: float,
         dropout: float,
         context: RoutingContext,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         self.group = group
         self.routing = routing
         self.scaling = scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.activation = ACTIVATIONS[activation]() if activation else nn.Identity()
         self.router = make_router(routing, bank.r, bank.num_B, device=bank.B.device, dtype=bank.B.dtype)
         object.__setattr__(self, "bank", bank)
         object.__setattr__(self, "context", context)
@@ -57,7 +69,7 @@ class LilyBranch(nn.Module):
         x = self.dropout(x)
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
-        return F.linear(x, a), experts
+        return self.activation(F.linear(x, a)), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled update sum_e w_e (h B_e^T) for input x."""
@@ -80,21 +92,31 @@ class LilyBranch(nn.Module):
         return f"group={self.group}, routing={self.routing!r}, scaling={self.scaling}"
 
 
-class LilyLayer(nn.Module):
-    """Wraps a frozen `base_layer` (nn.Linear or Conv1D) and adds the active adapter's update to its output.
+class LilySite(nn.Module):
+    """A place adapters attach to. `adapters` holds one `LilyBranch` per named adapter that uses this site;
+    `active` names the one in use (None: none). The model's `LilyAdapters` sets `active`."""
 
-    `adapters` holds one `LilyBranch` per named adapter that targets this layer; `active` names the one in
-    use (None: the base layer alone). The model's `LilyAdapters` sets `active`.
-    """
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.merged: str | None = None
+        """The adapter folded into the base weight, if any (then it is also the active one)."""
+
+    def merge(self) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        """Nothing is merged at a site that cannot merge."""
+
+
+class LilyLayer(LilySite):
+    """Wraps a frozen `base_layer` (nn.Linear or Conv1D) and adds the active adapter's update to its output."""
 
     def __init__(self, base_layer: nn.Module, kind: str) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
-        self.adapters = nn.ModuleDict()
-        self.active: str | None = None
-        self.merged: str | None = None
-        """The adapter folded into the base weight, if any (then it is also the active one)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -145,3 +167,66 @@ class LilyLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, active={self.active!r}, merged={self.merged!r}"
+
+
+class ParallelSlot(LilySite):
+    """A parallel adapter on a block: reads the input of `source` and adds its update to the output of `sink`
+    (the same module for a plain block), registered on the sink as `<sink>.lily_parallel`.
+
+    It works through forward hooks, so the base modules keep their names and classes: a pre-hook on the
+    source keeps its input, a hook on the sink adds the update to its output.
+    """
+
+    def __init__(self, source: nn.Module, sink: nn.Module, source_name: str) -> None:
+        super().__init__()
+        self.source = source_name
+        self.captured: torch.Tensor | None = None
+        self.handles = [
+            source.register_forward_pre_hook(CaptureInput(self), with_kwargs=True),
+            sink.register_forward_hook(AddUpdate(self)),
+        ]
+
+    def update(self, x: torch.Tensor) -> torch.Tensor | None:
+        """s * (the active branch's output) for block input x, or None when no adapter runs here."""
+        if self.active is None:
+            return None
+        branch = self.adapters[self.active]
+        return branch(x) * branch.scaling
+
+    def merge(self) -> None:
+        raise MergeError("a parallel adapter is not a weight update (it has a nonlinearity); it cannot be merged.")
+
+    def detach_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.captured = None
+
+    def extra_repr(self) -> str:
+        return f"source={self.source!r}, active={self.active!r}"
+
+
+class CaptureInput:
+    """Forward pre-hook: keep the block input (first positional argument, or `hidden_states`) for the slot."""
+
+    def __init__(self, slot: ParallelSlot) -> None:
+        self.slot = slot
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.slot.captured = args[0] if args else kwargs.get("hidden_states")
+
+
+class AddUpdate:
+    """Forward hook: add the slot's update to the sink's output."""
+
+    def __init__(self, slot: ParallelSlot) -> None:
+        self.slot = slot
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        slot = self.slot
+        if slot.captured is None:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"a parallel adapter needs a tensor output, but {type(module).__name__} returned "
+                            f"{type(output).__name__}; choose a sink module that returns a tensor.")  # fmt: skip
+        update = slot.update(slot.captured)
+        return output if update is None else output + update.to(output.dtype)

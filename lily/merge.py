@@ -6,7 +6,6 @@ from torch import nn
 
 from lily.adapter import get_adapter, get_adapters, lily_layers
 from lily.errors import MergeError
-from lily.routing import require_mergeable
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -17,7 +16,7 @@ def merge(model: nn.Module) -> nn.Module:
     adapters = get_adapters(model)
     if adapters.disabled:
         raise MergeError("adapters are disabled (inside lily.disable_adapters); merge after the block.")
-    require_mergeable(get_adapter(model).routing)
+    get_adapter(model).require_mergeable()
     for _, layer in lily_layers(model):
         layer.merge()
     return model

@@ -33,8 +33,15 @@ class TargetType:
     in_features: int
     out_features: int
     module_names: tuple[str, ...]
+    """The adapted layers; for a parallel type, the sinks (whose output gets the update)."""
     groups: tuple[int, ...]
     """A-group index of each layer, non-decreasing, covering 0..num_A-1."""
+    r: int
+    placement: str = "layer"
+    """"layer" (the update of a Linear/Conv1D) or "parallel" (a parallel adapter on a block)."""
+    sources: tuple[str, ...] = ()
+    """Parallel types: the module whose input each adapter reads (the sink itself for a plain block)."""
+    activation: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -55,7 +62,9 @@ class TargetType:
             "out_features": self.out_features,
             "module_names": list(self.module_names),
             "groups": list(self.groups),
-        }
+            **({"r": self.r, "placement": self.placement, "sources": list(self.sources), "activation": self.activation}
+               if self.placement == "parallel" else {}),
+        }  # fmt: skip
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -181,7 +190,8 @@ def _example_names(model: nn.Module, limit: int = 12) -> str:
 
 
 def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
-    """Find every module `config.target_modules` selects and group them into target types."""
+    """Find every module `config.target_modules` and `config.parallel_modules` select and group them into
+    target types (layer types first, then parallel ones)."""
     found: dict[tuple[str, int, int], list[str]] = {}
     for name, module in base_modules(model):
         if not name:
@@ -192,24 +202,69 @@ def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
         kind = check_adaptable(name, module)
         d_in, d_out = weight_shape(module, kind)
         found.setdefault((target, d_in, d_out), []).append(name)
-    if not found:
+    if config.target_modules and not found:
         raise TargetError(
             f"LilyConfig.target_modules={config.target_modules!r} matched no module; " + _example_names(model)
         )
-
-    shapes_per_target: dict[str, int] = {}
-    for target, _, _ in found:
-        shapes_per_target[target] = shapes_per_target.get(target, 0) + 1
     plan: list[TargetType] = []
     used_keys: set[str] = set()
     for (target, d_in, d_out), names in found.items():
-        key = re.sub(r"\W", "_", target)
-        if shapes_per_target[target] > 1:
-            key = f"{key}_{d_in}x{d_out}"
-        while key in used_keys:
-            key += "_"
-        used_keys.add(key)
-        what = f"'{target}' ({d_in}->{d_out})"
-        groups = split_groups(len(names), config.num_A, config.layers_per_A, what)
-        plan.append(TargetType(key, target, d_in, d_out, tuple(names), groups))
+        key = _type_key(target, d_in, d_out, sum(t == target for t, _, _ in found), used_keys)
+        groups = split_groups(len(names), config.num_A, config.layers_per_A, f"'{target}' ({d_in}->{d_out})")
+        plan.append(TargetType(key, target, d_in, d_out, tuple(names), groups, config.r))
+    for entry in config.parallel_modules:
+        blocks = _parallel_blocks(model, entry)
+        for (d_in, d_out), pairs in blocks.items():
+            key = _type_key(f"parallel_{entry}", d_in, d_out, len(blocks), used_keys)
+            groups = split_groups(len(pairs), config.num_A, config.layers_per_A, f"parallel '{entry}'")
+            assert config.parallel_r is not None
+            plan.append(TargetType(key, entry, d_in, d_out, tuple(sink for _, sink in pairs), groups,
+                                   config.parallel_r, "parallel", tuple(source for source, _ in pairs),
+                                   config.parallel_activation))  # fmt: skip
     return plan
+
+
+def _type_key(target: str, d_in: int, d_out: int, shapes: int, used: set[str]) -> str:
+    """A unique identifier (no dots) for a target type; the shape is added when a target has several."""
+    key = re.sub(r"\W", "_", target)
+    if shapes > 1:
+        key = f"{key}_{d_in}x{d_out}"
+    while key in used:
+        key += "_"
+    used.add(key)
+    return key
+
+
+def _width(name: str, module: nn.Module, first: bool) -> int:
+    """Input width of the first (or output width of the last) Linear/Conv1D in `module`."""
+    layers = [m for _, m in base_modules(module) if layer_kind(m) is not None]
+    if not layers:
+        raise TargetError(
+            f"parallel_modules: cannot tell the {'input' if first else 'output'} width of '{name}' "
+            f"({type(module).__name__}): it holds no nn.Linear or Conv1D."
+        )
+    layer = layers[0] if first else layers[-1]
+    d_in, d_out = weight_shape(layer, layer_kind(layer) or "linear")
+    return d_in if first else d_out
+
+
+def _parallel_blocks(model: nn.Module, entry: str) -> dict[tuple[int, int], list[tuple[str, str]]]:
+    """(source, sink) module names of one `parallel_modules` entry, by (input width, output width)."""
+    source_suffix, _, sink_path = entry.partition(">")
+    found: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for name, module in base_modules(model):
+        if not name or not longest_suffix(name, [source_suffix]):
+            continue
+        sink = name
+        if sink_path:
+            parent = name.rpartition(".")[0]
+            sink = f"{parent}.{sink_path}" if parent else sink_path
+            try:
+                model.get_submodule(sink)
+            except AttributeError:
+                raise TargetError(f"parallel_modules entry {entry!r}: '{name}' has no sibling '{sink}'.") from None
+        widths = (_width(name, module, True), _width(sink, model.get_submodule(sink), False))
+        found.setdefault(widths, []).append((name, sink))
+    if not found:
+        raise TargetError(f"LilyConfig.parallel_modules entry {entry!r} matched no module; " + _example_names(model))
+    return found

@@ -26,8 +26,9 @@ def router_size(routing: str, num_layers: int, r: int, num_B: int) -> int:
     return num_layers * num_B * (1 if routing == "static" else r)
 
 
-def type_sizes(target_type: TargetType, r: int, num_B: int, routing: str) -> tuple[int, int, int]:
+def type_sizes(target_type: TargetType, num_B: int, routing: str) -> tuple[int, int, int]:
     """(A, B, router) parameter counts of one target type."""
+    r = target_type.r
     a = target_type.num_A * target_type.in_features * r
     b = num_B * r * target_type.out_features
     return a, b, router_size(routing, target_type.num_layers, r, num_B)
@@ -57,7 +58,7 @@ def summary(model: nn.Module, name: str | None = None) -> str:
     rows = []
     total = 0
     for t in adapter.plan:
-        a, b, router = type_sizes(t, cfg.r, cfg.num_B, adapter.routing)
+        a, b, router = type_sizes(t, cfg.num_B, adapter.routing)
         total += a + b + router
         sizes = t.group_sizes()
         groups = f"{t.num_A} ({sizes[0]})" if len(set(sizes)) == 1 else f"{t.num_A} ({'+'.join(map(str, sizes))})"
@@ -67,7 +68,7 @@ def summary(model: nn.Module, name: str | None = None) -> str:
                 str(t.num_layers),
                 f"{t.in_features} -> {t.out_features}",
                 groups,
-                str(cfg.r),
+                str(t.r),
                 str(cfg.num_B),
                 f"{a:,}",
                 f"{b:,}",

@@ -61,7 +61,7 @@ def lily_budget(model: nn.Module, config: lily.LilyConfig) -> tuple[int, int]:
     """(Lily's adapter parameter count, sum of d_in + d_out over the adapted layers) without injecting."""
     routing, _ = resolve_routing(model, config)
     plan = plan_targets(model, config)
-    budget = sum(sum(type_sizes(t, config.r, config.num_B, routing)) for t in plan)
+    budget = sum(sum(type_sizes(t, config.num_B, routing)) for t in plan)
     per_rank = sum(t.num_layers * (t.in_features + t.out_features) for t in plan)
     return budget, per_rank
 
