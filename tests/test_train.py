@@ -72,10 +72,14 @@ def test_causal_lm_end_to_end(tiny_llama_dir, chat_jsonl, tmp_path, capsys):
 
 
 def test_image_classification_end_to_end(tiny_vit_dir, image_folder, tmp_path, capsys):
+    """DINOv2 with the paper's ViT placement: q/v adapters plus a parallel adapter on every MLP block."""
     out = tmp_path / "img"
     cfg = TrainConfig(task="image-cls", model=tiny_vit_dir, data=image_folder, output_dir=str(out), image_size=16,
-                      lr=1e-2, **SMALL)  # fmt: skip
+                      lr=1e-2, parallel_modules=["mlp"], **SMALL)  # fmt: skip
     metrics = train(cfg, log=quiet)
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sum(".mlp.lily_parallel.router" in k for k in saved) == 2  # one router per block
+    assert metrics["parameters"]["adapter"] == metrics["parameters"]["lily_budget"]  # parallel part counted
     assert metrics["labels"] == ["circle", "square", "stripe"]
     assert sum(metrics["data"].values()) == 36
     image = next(Path(image_folder, "square").iterdir())

@@ -61,6 +61,10 @@ class TrainConfig:
 
     # Lily
     targets: list[str] | None = _opt(None, "Module-name suffixes to adapt (default: attention query and value).")  # noqa: RUF009
+    parallel_modules: list[str] | None = _opt(  # noqa: RUF009
+        None, "Blocks that get a Lily parallel adapter, e.g. mlp (see LilyConfig.parallel_modules)."
+    )
+    parallel_r: int | None = _opt(None, "Rank of the parallel adapters (default: 2 * --r).")
     r: int = _opt(16, "Lily rank.")
     num_A: int = _opt(2, "Lily A groups per target type.")
     num_B: int = _opt(4, "Lily B experts per target type.")

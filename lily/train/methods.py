@@ -53,7 +53,8 @@ def default_targets(model: nn.Module) -> list[str]:
 def lily_config(cfg: TrainConfig, targets: list[str], head: list[str]) -> lily.LilyConfig:
     return lily.LilyConfig(
         target_modules=targets, r=cfg.r, num_A=cfg.num_A, num_B=cfg.num_B, scaling=cfg.scaling, routing=cfg.routing,
-        dropout=cfg.adapter_dropout, trainable_modules=head,
+        dropout=cfg.adapter_dropout, trainable_modules=head, parallel_modules=cfg.parallel_modules or [],
+        parallel_r=cfg.parallel_r,
     )  # fmt: skip
 
 
