@@ -30,7 +30,7 @@ from lily.train.outputs import write_json_atomic
 # The training budget of each task: the same for every method and lr (the CPU sets how big it can be).
 BUDGETS: dict[str, dict[str, Any]] = {
     "text-cls": {"max_train_samples": 1000, "max_eval_samples": 250, "max_test_samples": 1000, "epochs": 2},
-    "causal-lm": {"max_train_samples": 128, "max_eval_samples": 48, "max_test_samples": 96, "epochs": 1,
+    "causal-lm": {"max_train_samples": 96, "max_eval_samples": 32, "max_test_samples": 64, "epochs": 1,
                   "batch_size": 8},
 }  # fmt: skip
 METHODS = {
