@@ -1,4 +1,4 @@
-"""The `lily` command: `lily train`, `lily eval`, `lily predict`."""
+"""The `lily` command: `lily train`, `lily recipe`, `lily eval`, `lily predict`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lily.train.loop import train
 
     train(config_from_args(args))
+
+
+def cmd_recipe(args: argparse.Namespace) -> None:
+    from lily.recipes import RECIPES
+    from lily.train.config import config_from_args
+    from lily.train.loop import train
+
+    train(config_from_args(args, base=RECIPES[args.recipe]))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -58,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add_arguments(train)
     train.set_defaults(run=cmd_train)
+    from lily.recipes import DESCRIPTIONS
+
+    recipe = commands.add_parser(
+        "recipe", help="run one of the paper's experiments with its settings (any `lily train` flag overrides them)",
+        description="\n".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    recipe.add_argument("recipe", choices=sorted(DESCRIPTIONS), help="the experiment")
+    add_arguments(recipe)
+    recipe.set_defaults(run=cmd_recipe)
     evaluate = commands.add_parser("eval", help="evaluate the adapter of a finished run")
     evaluate.add_argument("run_dir", help="the --output-dir of a finished `lily train` run")
     evaluate.add_argument("--split", default="test", choices=("train", "validation", "test"), help="split to score")

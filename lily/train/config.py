@@ -18,6 +18,7 @@ from lily.errors import ConfigError
 
 TASKS = ("text-cls", "causal-lm", "image-cls")
 METHODS = ("lily", "lora", "full", "head-only")
+SCHEDULES = ("linear", "cosine")
 DEFAULT_MODEL = {"text-cls": "minilm", "causal-lm": "smollm2", "image-cls": "dinov2"}
 DEFAULT_DATA = {"text-cls": "tweets", "causal-lm": "chat", "image-cls": "fashion"}
 
@@ -84,7 +85,9 @@ class TrainConfig:
     lr: float = _opt(2e-3, "Peak learning rate.")
     head_lr: float | None = _opt(None, "Learning rate of a newly trained head (default: --lr).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    warmup_ratio: float = _opt(0.06, "Share of steps with linear warm-up; then linear decay to 0.")
+    warmup_ratio: float = _opt(0.06, "Share of steps with linear warm-up before the decay.")
+    schedule: str = _opt("linear", "Decay after warm-up: linear or cosine, down to --min-lr.", choices=SCHEDULES)
+    min_lr: float = _opt(0.0, "Learning rate at the end of the decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _opt("no", "no, bf16 or fp16 (accelerate mixed precision).", choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
@@ -94,25 +97,34 @@ class TrainConfig:
         "--method lily). Default: data-parallel (DDP).",
     )
     seed: int = _opt(0, "Seed of initialisation, data order and dropout.")
-    eval_every: int = _opt(0, "Evaluate every N optimizer steps (0: at the end of each epoch).")
+    eval_every: int = _opt(0, "Also validate every N optimizer steps (0: only at epoch ends).")
+    eval_epochs: int = _opt(1, "Validate at the end of every N-th epoch (and of the last).")
+    select_on_test: bool = _opt(
+        False,
+        "Validate on the test split: the best checkpoint is the best test score (VTAB-1k's FacT/NOAH protocol; "
+        "optimistic, so the metrics say so).",
+    )
     log_every: int = _opt(10, "Update the progress bar's loss every N steps.")
     cpu: bool = _opt(False, "Train on the CPU even when a GPU is present.")
     resume: bool = _opt(False, "Continue the run in --output-dir from its last checkpoint.")
     overwrite: bool = _opt(False, "Replace a different run found in --output-dir.")
 
     def __post_init__(self) -> None:
-        for name in ("task", "method", "mixed_precision"):
+        for name in ("task", "method", "mixed_precision", "schedule"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r}: choose one of {', '.join(choices)}.")
         self.max_length = self.max_length or (128 if self.task == "causal-lm" else 64)
-        for name in ("epochs", "batch_size", "grad_accum", "r", "num_A", "num_B", "max_length", "image_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "r", "num_A", "num_B", "max_length", "image_size",
+                     "eval_epochs"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}.")
         if self.fsdp and self.method != "lily":
             raise ConfigError(f"--fsdp supports --method lily only, got --method {self.method}.")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}.")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr must be in [0, --lr={self.lr}], got {self.min_lr}.")
         if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("--val-fraction must be in [0, 1) and --test-fraction in (0, 1).")
         self.model = self.model or DEFAULT_MODEL[self.task]
@@ -170,9 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{_flag(f.name)}", dest=f.name, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """TrainConfig from defaults, then the YAML file in `args.config`, then explicitly given flags."""
-    values: dict[str, Any] = {}
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from defaults, then `base` (a recipe), then the YAML file in `args.config`, then explicitly
+    given flags."""
+    values: dict[str, Any] = dict(base or {})
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
     names = {f.name for f in dataclasses.fields(TrainConfig)}

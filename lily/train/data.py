@@ -59,7 +59,7 @@ def _cap(splits: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]
     limits = {"train": cfg.max_train_samples, "validation": cfg.max_eval_samples, "test": cfg.max_test_samples}
     capped = {k: v[: limits[k]] if limits[k] is not None else v for k, v in splits.items()}
     for name in SPLITS:
-        if not capped.get(name):
+        if not capped.get(name) and not (name == "validation" and cfg.select_on_test):
             raise DataError(f"the {name} split of '{cfg.data}' is empty; provide more data or adjust the fractions.")
     return capped
 
@@ -235,6 +235,34 @@ def _image_folder(root: Path) -> dict[str, list[tuple[Path, str]]]:
     return out
 
 
+VTAB_LISTS = ("train800val200.txt", "train800.txt", "val200.txt", "test.txt")
+
+
+def _vtab_lists(root: Path, cfg: TrainConfig) -> dict[str, list[tuple[Path, str]]]:
+    """A VTAB-1k task folder: `<image path relative to root> <label>` lines in train800val200.txt / train800.txt /
+    val200.txt / test.txt. Train on all 1,000 images when selecting on test (the FacT/NOAH protocol), else
+    on train800 with val200 for validation."""
+
+    def read(name: str) -> list[tuple[Path, str]]:
+        file = root / name
+        if not file.is_file():
+            raise DataError(f"VTAB-1k folder {root} lacks {name} (expected {', '.join(VTAB_LISTS)}).")
+        rows = []
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not (root / parts[0]).is_file():
+                raise DataError(f"{file}, line {number}: expected '<image path> <label>' of an existing image, "
+                                f"got {line!r}.")  # fmt: skip
+            rows.append((root / parts[0], parts[1]))
+        return rows
+
+    if cfg.select_on_test:
+        return {"train": read("train800val200.txt"), "test": read("test.txt")}
+    return {"train": read("train800.txt"), "validation": read("val200.txt"), "test": read("test.txt")}
+
+
 def image_classification(cfg: TrainConfig) -> TaskData:
     if cfg.data == "fashion":
         arrays = assets.fashion_mnist()
@@ -243,6 +271,9 @@ def image_classification(cfg: TrainConfig) -> TaskData:
         random.Random(cfg.split_seed).shuffle(test)
         return _label_ids(_cap(_carve(train, {"test": test}, cfg), cfg), assets.FASHION_LABELS, "fashion")
     path = Path(cfg.data)
+    if path.is_dir() and (path / VTAB_LISTS[0]).is_file():
+        splits = _vtab_lists(path, cfg)
+        return _label_ids(_cap({"validation": [], **splits}, cfg), None, cfg.data)
     if path.is_dir():
         return _label_ids(_assemble(_image_folder(path), cfg), None, cfg.data)
     per_split = _hub_records(cfg)

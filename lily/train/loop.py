@@ -65,11 +65,15 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-def warmup_then_linear(total: int, warmup: int):
+def lr_factor(total: int, warmup: int, schedule: str, floor: float):
+    """Multiplier of the peak lr at each step: linear warm-up, then linear or cosine decay down to `floor`."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * decay
 
     return factor
 
@@ -173,7 +177,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                           generator=torch.Generator().manual_seed(cfg.seed), **kw)  # fmt: skip
 
     train_loader = make_loader("train", sampler=EpochSampler(len(task.examples("train")), cfg.seed))
-    val_loader, test_loader = make_loader("validation"), make_loader("test")
+    test_loader = make_loader("test")
+    val_loader = test_loader if cfg.select_on_test else make_loader("validation")
     head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
@@ -189,7 +194,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         )
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or sys.maxsize)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, round(cfg.warmup_ratio * total)))
+    schedule = lr_factor(total, round(cfg.warmup_ratio * total), cfg.schedule, cfg.min_lr / cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     unwrapped = accelerator.unwrap_model(model)
 
     progress = Progress()
@@ -230,11 +236,13 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         return metric
 
     def close_epoch() -> None:
-        val = validate()
+        last = progress.epoch + 1 == cfg.epochs or progress.step >= total
+        val = validate() if last or (progress.epoch + 1) % cfg.eval_epochs == 0 else None
         loss = progress.epoch_loss_sum / max(1, progress.epoch_batches)
         progress.history.append({"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss,
                                  "val_metric": val})  # fmt: skip
-        log(f"epoch {progress.epoch + 1}: train loss {loss:.4f}, validation {task.metric_name} {val:.4f}")
+        shown = "not evaluated" if val is None else f"{val:.4f}"
+        log(f"epoch {progress.epoch + 1}: train loss {loss:.4f}, validation {task.metric_name} {shown}")
 
     from tqdm.auto import tqdm
 
@@ -307,6 +315,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         "history": progress.history,
         "test_before": progress.test_before,
         "best_val": progress.best_metric,
+        "selected_on": "test" if cfg.select_on_test else "validation",
         "best_step": progress.best_step,
         "test": test,
         "steps": progress.step,

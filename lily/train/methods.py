@@ -16,7 +16,7 @@ from torch import nn
 import lily
 from lily.distributed import assign, full_tensor, reshard
 from lily.inject import resolve_routing
-from lily.plan import layer_kind, plan_targets
+from lily.plan import layer_kind, longest_suffix, plan_targets
 from lily.report import type_sizes
 from lily.train.config import TrainConfig
 
@@ -50,11 +50,26 @@ def default_targets(model: nn.Module) -> list[str]:
     )
 
 
-def lily_config(cfg: TrainConfig, targets: list[str], head: list[str]) -> lily.LilyConfig:
+def pick_alternatives(model: nn.Module, entries: list[str]) -> list[str]:
+    """Each entry as given, or for 'a|b|...' the first alternative that names a module of `model` (a suffix; for
+    a parallel 'source>sink' entry, its source). Recipes use this to fit several architectures."""
+    names = [name for name, _ in model.named_modules() if name]
+    picked = []
+    for entry in entries:
+        options = entry.split("|")
+        found = [o for o in options if any(longest_suffix(n, [o.partition(">")[0]]) for n in names)]
+        if len(options) > 1 and not found:
+            raise lily.TargetError(f"none of the alternatives {options} names a module of this model.")
+        picked.append(found[0] if len(options) > 1 else entry)
+    return picked
+
+
+def lily_config(cfg: TrainConfig, model: nn.Module, head: list[str]) -> lily.LilyConfig:
+    targets = pick_alternatives(model, cfg.targets) if cfg.targets else default_targets(model)
     return lily.LilyConfig(
         target_modules=targets, r=cfg.r, num_A=cfg.num_A, num_B=cfg.num_B, scaling=cfg.scaling, routing=cfg.routing,
-        dropout=cfg.adapter_dropout, trainable_modules=head, parallel_modules=cfg.parallel_modules or [],
-        parallel_r=cfg.parallel_r,
+        dropout=cfg.adapter_dropout, trainable_modules=head,
+        parallel_modules=pick_alternatives(model, cfg.parallel_modules or []), parallel_r=cfg.parallel_r,
     )  # fmt: skip
 
 
@@ -63,7 +78,7 @@ def lily_budget(model: nn.Module, config: lily.LilyConfig) -> tuple[int, int]:
     routing, _ = resolve_routing(model, config)
     plan = plan_targets(model, config)
     budget = sum(sum(type_sizes(t, config.num_B, routing)) for t in plan)
-    per_rank = sum(t.num_layers * (t.in_features + t.out_features) for t in plan)
+    per_rank = sum(t.num_layers * (t.in_features + t.out_features) for t in plan if t.placement == "layer")
     return budget, per_rank
 
 
@@ -74,8 +89,8 @@ def matched_lora_rank(budget: int, per_rank: int) -> int:
 
 def apply_method(cfg: TrainConfig, model: nn.Module, head: list[str]) -> tuple[nn.Module, MethodInfo]:
     """Make `model` trainable the way `cfg.method` says; returns the (possibly wrapped) model and its counts."""
-    targets = cfg.targets or default_targets(model)
-    config = lily_config(cfg, targets, head)
+    config = lily_config(cfg, model, head)
+    targets = config.target_modules
     budget, per_rank = lily_budget(model, config)
     lora_r = cfg.lora_r or matched_lora_rank(budget, per_rank)
     if cfg.method == "lily":

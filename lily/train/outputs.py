@@ -157,7 +157,8 @@ def write_plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(epochs, [h["train_loss"] for h in history], marker="o")
     left.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    right.plot(epochs, [h["val_metric"] for h in history], marker="o", color="tab:green")
+    scored = [h for h in history if h["val_metric"] is not None]
+    right.plot([h["epoch"] for h in scored], [h["val_metric"] for h in scored], marker="o", color="tab:green")
     right.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
     for axis in (left, right):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
