@@ -23,11 +23,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_recipe(args: argparse.Namespace) -> None:
-    from lily.recipes import RECIPES
+    from lily.recipes import defaults
     from lily.train.config import config_from_args
     from lily.train.loop import train
 
-    train(config_from_args(args, base=RECIPES[args.recipe]))
+    train(config_from_args(args, base=defaults(args.recipe)))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -66,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add_arguments(train)
     train.set_defaults(run=cmd_train)
-    from lily.recipes import DESCRIPTIONS
+    from lily.recipes import NAMES, description
 
     recipe = commands.add_parser(
         "recipe", help="run one of the paper's experiments with its settings (any `lily train` flag overrides them)",
-        description="\n".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()),
+        description="\n".join(f"{name}: {description(name)}" for name in NAMES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    recipe.add_argument("recipe", choices=sorted(DESCRIPTIONS), help="the experiment")
+    recipe.add_argument("recipe", choices=NAMES, help="the experiment")
     add_arguments(recipe)
     recipe.set_defaults(run=cmd_recipe)
     evaluate = commands.add_parser("eval", help="evaluate the adapter of a finished run")

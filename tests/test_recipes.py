@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lily.cli import main
-from lily.recipes import RECIPES, vtab
+from lily.recipes import defaults, vtab
 from lily.train.config import TrainConfig
 from lily.train.data import DataError, load_task_data
 from lily.train.loop import lr_factor
@@ -36,7 +36,7 @@ def vtab_folder(tmp_path_factory):
 
 
 def test_vtab_defaults_are_the_papers():
-    cfg = TrainConfig(**RECIPES["vtab"])
+    cfg = TrainConfig(**defaults("vtab"))
     assert (cfg.r, cfg.num_A, cfg.num_B, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (
         32, 4, 4, 1e-3, 1e-4, 64, 100)  # fmt: skip
     assert (cfg.schedule, cfg.warmup_ratio, cfg.min_lr, cfg.eval_epochs, cfg.image_size) == (

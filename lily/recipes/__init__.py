@@ -6,9 +6,22 @@ them can be overridden: `lily recipe vtab --model PATH --data PATH --epochs 10`.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Any
 
-from lily.recipes import vtab
+NAMES = ("vtab",)
 
-RECIPES: dict[str, dict[str, Any]] = {"vtab": vtab.DEFAULTS}
-DESCRIPTIONS = {"vtab": vtab.__doc__.strip().splitlines()[0]}
+
+def recipe_module(name: str) -> ModuleType:
+    return importlib.import_module(f"lily.recipes.{name}")
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """The `lily train` options of recipe `name`."""
+    return recipe_module(name).DEFAULTS
+
+
+def description(name: str) -> str:
+    """The first line of the recipe module's docstring."""
+    return (recipe_module(name).__doc__ or name).strip().splitlines()[0]
