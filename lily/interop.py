@@ -20,9 +20,8 @@ from torch import nn
 
 from lily.adapter import branches, get_adapter, module_parameters
 from lily.config import LilyConfig
-from lily.errors import CheckpointError, LilyError
-from lily.inject import delete_adapter, inject
-from lily.io import CONFIG_NAME, WEIGHTS_NAME, atomic_writes, read_adapter_tensors
+from lily.errors import CheckpointError
+from lily.io import CONFIG_NAME, WEIGHTS_NAME, atomic_writes, inject_then_load, read_adapter_tensors
 from lily.plan import TargetType
 
 PREFIX = "base_model.model."
@@ -169,15 +168,7 @@ def from_peft(path: str | os.PathLike, model: nn.Module, name: str = "default") 
         target_modules=meta["target_modules"], r=meta["r"], layers_per_A=meta["stride_A"], num_B=meta["num_B"],
         scaling=meta["scaling"], routing="batch", trainable_modules=modules,
     )  # fmt: skip
-    try:
-        inject(model, config, name)
-    except LilyError as exc:
-        raise CheckpointError(f"from_peft: the checkpoint at '{path}' does not fit this model: {exc}") from exc
-    try:
-        _load_peft_tensors(model, name, tensors, meta, str(path))
-    except BaseException:
-        delete_adapter(model, name)
-        raise
+    inject_then_load(model, config, name, lambda: _load_peft_tensors(model, name, tensors, meta, str(path)), str(path))
     return model
 
 

@@ -169,6 +169,29 @@ def _copy_checked(
         assign(param, tensors[key])
 
 
+def inject_then_load(model: nn.Module, config: LilyConfig, name: str, load: Callable[[], None], where: str) -> None:
+    """Inject `config` as adapter `name` and run `load` to fill it; on any error take it off again and leave the
+    model as it was (the previously active adapter active again)."""
+    present = find_adapters(model)
+    previous = present.active if present is not None else None
+    if present is not None and name in present:
+        raise CheckpointError(
+            f"cannot load the adapter at '{where}' as {name!r}: the model already has an adapter named {name!r}; "
+            f"pass another name or call lily.delete_adapter(model, {name!r}) first."
+        )
+    try:
+        inject(model, config, name)
+    except LilyError as exc:
+        raise CheckpointError(f"adapter at '{where}' does not fit this model: {exc}") from exc
+    try:
+        load()
+    except BaseException:
+        delete_adapter(model, name)
+        if previous is not None:
+            set_adapter(model, previous)
+        raise
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> nn.Module:
     """Inject the adapter saved at `path` into `model` as adapter `name`, make it active, load its weights, and
     return `model`. The model may already carry other adapters.
@@ -184,24 +207,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         config = LilyConfig.from_dict(meta["config"])
     except (LilyError, TypeError) as exc:
         raise CheckpointError(f"adapter config at '{path}' is invalid: {exc}") from exc
-    present = find_adapters(model)
-    previous = present.active if present is not None else None
-    if present is not None and name in present:
-        raise CheckpointError(
-            f"cannot load the adapter at '{path}' as {name!r}: the model already has an adapter named {name!r}; "
-            f"pass another name or call lily.delete_adapter(model, {name!r}) first."
-        )
-    try:
-        inject(model, config, name)
-    except LilyError as exc:
-        raise CheckpointError(f"adapter at '{path}' does not fit this model: {exc}") from exc
-    try:
-        _copy_checked(model, name, meta, tensors, str(path))
-    except BaseException:
-        delete_adapter(model, name)
-        if previous is not None:
-            set_adapter(model, previous)
-        raise
+    inject_then_load(model, config, name, lambda: _copy_checked(model, name, meta, tensors, str(path)), str(path))
     if "routing_reason" in meta:
         get_adapter(model, name).routing_reason = meta["routing_reason"]
     return model
