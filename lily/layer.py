@@ -194,7 +194,8 @@ class ParallelSlot(LilySite):
         return branch(x) * branch.scaling
 
     def merge(self) -> None:
-        raise MergeError("a parallel adapter is not a weight update (it has a nonlinearity); it cannot be merged.")
+        if self.active is not None:  # another adapter may be active and mergeable: nothing runs here then
+            raise MergeError("a parallel adapter is not a weight update (it has a nonlinearity); it cannot be merged.")
 
     def detach_hooks(self) -> None:
         for handle in self.handles:

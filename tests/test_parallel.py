@@ -151,3 +151,16 @@ def test_parallel_errors_name_the_entry():
     with pytest.raises(InjectionError, match="is a ModuleList"):
         lily.inject(tiny_bert(), lily.LilyConfig(target_modules=[], parallel_modules=["encoder>encoder.layer"],
                                                  num_A=1))  # fmt: skip
+
+
+def test_merging_another_adapter_skips_inactive_parallel_slots():
+    torch.manual_seed(0)
+    model = tiny_vit()
+    lily.inject(model, lily.LilyConfig(target_modules=[], parallel_modules=["mlp"], r=4, num_A=1), name="blocks")
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj"], r=4, routing="static"), name="linear")
+    randomize_adapter(model)
+    inputs = model_inputs("vit")
+    with torch.no_grad():
+        before = model(**inputs).logits
+        lily.merge(model)  # "linear" is active; the "blocks" slots do not run and are left alone
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=1e-5)
