@@ -97,7 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     except LilyError as exc:
         print(f"lily {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    _close_process_group()  # not after an error: a peer that did not fail could never reach the barrier
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun, wait for every process and shut the process group down before exiting: a process that
+    exits with a live gloo group while its peers still work can abort ("terminate called without an active
+    exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

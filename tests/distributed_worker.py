@@ -60,6 +60,7 @@ def main() -> None:
         if engine == "ddp" and rank != 0:
             continue
         lily.save_adapter(model, out / routing)  # FSDP2: every rank gathers, rank 0 writes
+    dist.barrier()  # no process exits while another still works
     dist.destroy_process_group()
 
 
