@@ -138,15 +138,21 @@ def branches(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, L
             yield layer_name, layer.adapters[name]
 
 
+def _lily_tensors(model: nn.Module, name: str | None, file_names: bool) -> dict[str, nn.Parameter]:
+    """The banks, then each layer's router, of adapter `name`: by model name, or by adapter-file name."""
+    adapter = get_adapter(model, name)
+    banks = FILE_PREFIX if file_names else f"{ADAPTER_ATTR}.{adapter.name}"
+    params = {f"{banks}.{n}": p for n, p in adapter.named_parameters()}
+    for layer_name, branch in branches(model, adapter.name):
+        where = layer_name if file_names else f"{layer_name}.adapters.{adapter.name}"
+        params.update({f"{where}.{n}": p for n, p in branch.named_parameters()})
+    return params
+
+
 def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """Every parameter of adapter `name` (default: the active one), named as in `model.named_parameters()`:
     its banks, then each layer's router."""
-    adapter = get_adapter(model, name)
-    params = {f"{ADAPTER_ATTR}.{adapter.name}.{n}": p for n, p in adapter.named_parameters()}
-    for layer_name, branch in branches(model, adapter.name):
-        for n, p in branch.named_parameters():
-            params[f"{layer_name}.adapters.{adapter.name}.{n}"] = p
-    return params
+    return _lily_tensors(model, name, file_names=False)
 
 
 def module_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
@@ -165,11 +171,7 @@ def saved_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.
     File names do not depend on the adapter's name: banks are `lily_adapter.banks.<type>...` and routers
     `<layer>.router`, so a file loads under any adapter name.
     """
-    adapter = get_adapter(model, name)
-    params = {f"{FILE_PREFIX}.{n}": p for n, p in adapter.named_parameters()}
-    for layer_name, branch in branches(model, adapter.name):
-        params.update({f"{layer_name}.{n}": p for n, p in branch.named_parameters()})
-    return {**params, **module_parameters(model, adapter.name)}
+    return {**_lily_tensors(model, name, file_names=True), **module_parameters(model, name)}
 
 
 def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
