@@ -174,7 +174,8 @@ class ParallelSlot(LilySite):
     (the same module for a plain block), registered on the sink as `<sink>.lily_parallel`.
 
     It works through forward hooks, so the base modules keep their names and classes: a pre-hook on the
-    source keeps its input, a hook on the sink adds the update to its output.
+    source keeps its input, a hook on the sink adds the update to its output. With source != sink, a call
+    of the sink alone (without the source first) uses the input the source last saw.
     """
 
     def __init__(self, source: nn.Module, sink: nn.Module, source_name: str) -> None:
