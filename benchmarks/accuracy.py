@@ -36,16 +36,18 @@ BUDGETS: dict[str, dict[str, Any]] = {
 METHODS = {
     "text-cls": ["lily:sample", "lily:batch", "lily:token", "lily:static", "lily:uniform", "lora", "head-only"],
     # Decoders: "sample"/"batch" routing would let a position see later tokens, so only leak-free modes run.
-    "causal-lm": ["lily:token", "lily:static", "lora"],
+    # LoRA's matched rank rounds up here (r=2: 28% more parameters than Lily), so r=1 runs too.
+    "causal-lm": ["lily:token", "lily:static", "lora", "lora:1"],
 }
 LRS = {"text-cls": [5e-4, 2e-3, 8e-3], "causal-lm": [2.5e-4, 1e-3, 4e-3]}
 QUICK = {"max_train_samples": 200, "max_eval_samples": 100, "max_test_samples": 200, "epochs": 1}
 
 
 def run_config(task: str, method: str, lr: float, seed: int, budget: dict[str, Any], out: str) -> TrainConfig:
-    """`method` is "lora", "head-only", "full", or "lily:<routing>"."""
-    name, _, routing = method.partition(":")
-    return TrainConfig(task=task, method=name, routing=routing or None, lr=lr, seed=seed, output_dir=out, **budget)
+    """`method` is "lora" (rank matched to Lily's budget), "lora:<rank>", "head-only", "full", or "lily:<routing>"."""
+    name, _, option = method.partition(":")
+    extra = {"lora_r": int(option)} if name == "lora" and option else {"routing": option or None}
+    return TrainConfig(task=task, method=name, lr=lr, seed=seed, output_dir=out, **extra, **budget)
 
 
 def select(runs: list[dict[str, Any]], method: str, seed: int) -> float:
