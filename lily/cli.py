@@ -107,7 +107,9 @@ def _close_process_group() -> None:
     exception")."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    from lily.distributed import group_running
+
+    if group_running():
         dist.barrier()
         dist.destroy_process_group()
 

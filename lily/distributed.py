@@ -11,9 +11,14 @@ import torch
 from torch import nn
 
 
+def group_running() -> bool:
+    """True inside a running torch.distributed process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
     """True when `tensor` is an FSDP2 shard (a DTensor) of a running process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not group_running():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -47,7 +52,7 @@ def reshard(model: nn.Module) -> nn.Module:
     plain whole parameters rather than the shards the optimizer updates; reading or loading weights must
     see the shards.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if group_running():
         from torch.distributed.fsdp import FSDPModule
 
         for module in model.modules():
@@ -57,9 +62,7 @@ def reshard(model: nn.Module) -> nn.Module:
 
 
 def is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
+    return not group_running() or torch.distributed.get_rank() == 0
 
 
 def fully_shard_blocks(model: nn.Module, param_dtype: torch.dtype | None = None) -> nn.Module:
