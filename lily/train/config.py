@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from lily.errors import ConfigError
+from lily.train.metrics import CLASSIFICATION, REGRESSION
 
-TASKS = ("text-cls", "causal-lm", "image-cls")
+TASKS = ("text-cls", "text-reg", "causal-lm", "image-cls")
 METHODS = ("lily", "lora", "full", "head-only")
 SCHEDULES = ("linear", "cosine")
-DEFAULT_MODEL = {"text-cls": "minilm", "causal-lm": "smollm2", "image-cls": "dinov2"}
+METRICS = CLASSIFICATION + REGRESSION
+PROMPT_STYLES = ("chat", "alpaca")
+TEST_SPLITS = ("test", "validation")
+DEFAULT_MODEL = {"text-cls": "minilm", "text-reg": "minilm", "causal-lm": "smollm2", "image-cls": "dinov2"}
 DEFAULT_DATA = {"text-cls": "tweets", "causal-lm": "chat", "image-cls": "fashion"}
 
 
@@ -31,7 +35,11 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     """Configuration of one training run (see `lily train --help`)."""
 
-    task: str = _opt("text-cls", "text-cls (sequence classification), causal-lm, or image-cls.", choices=TASKS)
+    task: str = _opt(
+        "text-cls",
+        "text-cls (sequence classification), text-reg (a score per text, e.g. STS-B), causal-lm, or image-cls.",
+        choices=TASKS,
+    )
     model: str | None = _opt(
         None,
         "Bundled model (minilm, smollm2, dinov2), a local model directory, or a Hugging Face model id. "
@@ -44,13 +52,39 @@ class TrainConfig:
     )
     method: str = _opt("lily", "lily, lora (PEFT, at Lily's parameter budget), full, or head-only.", choices=METHODS)
     output_dir: str = _opt("out/run", "Directory for the adapter, checkpoints, metrics.json and plot.png.")
+    metric: str | None = _opt(
+        None,
+        "Metric that selects the best checkpoint and is reported: accuracy, mcc or f1 (classification), pearson "
+        "(text-reg). Default: accuracy, pearson for text-reg; causal-lm always uses perplexity.",
+        choices=METRICS,
+    )
 
     # data
-    text_column: str = _opt("text", "Column holding the input text (text-cls, plain-text causal-lm).")
-    label_column: str = _opt("label", "Column holding the class label (text-cls, image-cls from datasets).")
-    prompt_column: str = _opt("prompt", "Column holding the prompt (chat-style causal-lm files).")
+    text_column: str = _opt(
+        "text", "Column holding the input text (text-cls/-reg, plain-text causal-lm); 'a|b' takes the first present."
+    )
+    text_pair_column: str | None = _opt(None, "Column holding the second text of sentence-pair tasks (e.g. sentence2).")
+    label_column: str = _opt("label", "Column holding the class label or score (text-cls/-reg, image-cls).")
+    prompt_column: str = _opt("prompt", "Column holding the prompt or instruction (chat-style causal-lm files).")
+    input_column: str = _opt("input", "Column holding an optional input that follows the instruction (causal-lm).")
     response_column: str = _opt("response", "Column holding the reply (chat-style causal-lm files).")
     image_column: str = _opt("image", "Column holding the image (image-cls from datasets).")
+    columns: list[str] | None = _opt(  # noqa: RUF009
+        None, "Column names of header-less .csv/.tsv files, in order (GLUE's CoLA files have no header)."
+    )
+    dataset_config: str | None = _opt(None, "Configuration of a Hugging Face dataset, e.g. cola for nyu-mll/glue.")
+    test_split: str = _opt(
+        "test",
+        "Source split scored as the test split. 'validation' for GLUE, whose test labels are hidden: the source's "
+        "test split is then ignored.",
+        choices=TEST_SPLITS,
+    )
+    prompt_style: str = _opt(
+        "chat",
+        "How causal-lm prompts are framed: chat (the model's chat template) or alpaca (the '### Instruction: ... "
+        "### Response:' template of Alpaca and LLM-Adapters).",
+        choices=PROMPT_STYLES,
+    )
     max_train_samples: int | None = _opt(2000, "Use at most this many training examples (None: all).")
     max_eval_samples: int | None = _opt(500, "Use at most this many validation examples (None: all).")
     max_test_samples: int | None = _opt(1000, "Use at most this many test examples (None: all).")
@@ -110,7 +144,7 @@ class TrainConfig:
     overwrite: bool = _opt(False, "Replace a different run found in --output-dir.")
 
     def __post_init__(self) -> None:
-        for name in ("task", "method", "mixed_precision", "schedule"):
+        for name in ("task", "method", "mixed_precision", "schedule", "test_split", "prompt_style"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r}: choose one of {', '.join(choices)}.")
@@ -127,8 +161,20 @@ class TrainConfig:
             raise ConfigError(f"--min-lr must be in [0, --lr={self.lr}], got {self.min_lr}.")
         if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("--val-fraction must be in [0, 1) and --test-fraction in (0, 1).")
+        self.metric = self._check_metric()
         self.model = self.model or DEFAULT_MODEL[self.task]
+        if self.data is None and self.task not in DEFAULT_DATA:
+            raise ConfigError(f"--task {self.task} has no bundled dataset; name one with --data.")
         self.data = self.data or DEFAULT_DATA[self.task]
+
+    def _check_metric(self) -> str | None:
+        allowed = {"text-reg": REGRESSION, "causal-lm": ()}.get(self.task, CLASSIFICATION)
+        if self.metric is None:
+            return allowed[0] if allowed else None
+        if self.metric not in allowed:
+            told = ", ".join(allowed) if allowed else "none (perplexity is fixed)"
+            raise ConfigError(f"--metric={self.metric!r} does not fit --task {self.task}; choose {told}.")
+        return self.metric
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

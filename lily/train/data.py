@@ -5,7 +5,8 @@ classification, the label names. Sources with their own splits keep them; what a
 out of its training data with `split_seed`, test first, so the test set does not change with
 `max_train_samples`.
 
-Example formats:  text-cls (text, label_id) | causal-lm (prompt, response) or (None, text) |
+Example formats:  text-cls ((text, pair text or None), label_id) | text-reg ((text, pair or None), score) |
+causal-lm (prompt, response) or (None, text), a prompt being an instruction or (instruction, input) |
 image-cls (image, label_id), where an image is a uint8 array or a file path.
 """
 
@@ -67,12 +68,12 @@ def _cap(splits: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]
 # ---- reading local files ---------------------------------------------------------------------------------
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .csv, .jsonl or .json (a list of objects) file."""
+def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a .csv, .tsv, .jsonl or .json (a list of objects) file. A .csv/.tsv file has a header row unless
+    `columns` names its columns. A .tsv is read without quote handling, as GLUE's files need."""
     try:
-        if path.suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f))
+        if path.suffix in (".csv", ".tsv"):
+            return _delimited(path, columns)
         if path.suffix == ".jsonl":
             lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             return [json.loads(line) for line in lines]
@@ -83,45 +84,79 @@ def read_records(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} must hold a JSON list of objects.")
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path} cannot be parsed: {exc}") from exc
-    raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .csv, .jsonl, .json or .txt.")
+    raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .csv, .tsv, .jsonl, .json or .txt.")
 
 
-def require_columns(rows: list[dict[str, Any]], columns: list[str], where: str) -> None:
+def _delimited(path: Path, columns: list[str] | None) -> list[dict[str, Any]]:
+    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f, **dialect) if r]
+    if columns is None:
+        header, rows = (rows[0], rows[1:]) if rows else ([], [])
+        return [dict(zip(header, r, strict=False)) for r in rows]
+    if rows and set(rows[0]) & set(columns):
+        raise DataError(f"{path} has a header row ({rows[0]}) but --columns {columns} was given for a header-less "
+                        "file; drop --columns.")  # fmt: skip
+    for number, row in enumerate(rows, 1):
+        if len(row) != len(columns):
+            raise DataError(f"{path}, row {number}: {len(row)} fields where --columns names {len(columns)} "
+                            f"({columns}).")  # fmt: skip
+    return [dict(zip(columns, r, strict=True)) for r in rows]
+
+
+def require_columns(rows: list[dict[str, Any]], columns: list[str], where: str) -> list[str]:
+    """The columns of `rows` that `columns` name; an entry 'a|b' names the first of its alternatives present."""
     if not rows:
         raise DataError(f"{where} has no rows.")
     available = list(rows[0].keys())
+    found = []
     for column in columns:
-        if column not in available:
+        present = [c for c in column.split("|") if c in available]
+        if not present:
             raise DataError(
                 f"{where} has no column '{column}' (columns: {available}); name the right one with --text-column, "
-                "--label-column, --prompt-column, --response-column or --image-column."
+                "--text-pair-column, --label-column, --prompt-column, --response-column or --image-column."
             )
+        found.append(present[0])
+    return found
 
 
 def _split_files(path: Path) -> dict[str, Path]:
-    """For a directory: its train/validation(val)/test files of one supported type."""
+    """For a directory: its train/validation(val, dev)/test files of one supported type."""
     found = {}
     for file in sorted(path.iterdir()):
         stem = {"val": "validation", "valid": "validation", "dev": "validation"}.get(file.stem, file.stem)
-        if stem in SPLITS and file.suffix in (".csv", ".jsonl", ".json", ".txt"):
+        if stem in SPLITS and file.suffix in (".csv", ".tsv", ".jsonl", ".json", ".txt"):
             found[stem] = file
     return found
 
 
-def _record_splits(cfg: TrainConfig) -> dict[str, list[dict[str, Any]]]:
-    """Records per split from a local file or folder of split files, or from `datasets`."""
+def _choose_test(splits: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """With --test-split validation, the source's validation split becomes the test split and its own test split
+    (unlabelled in GLUE) is dropped."""
+    if cfg.test_split == "test":
+        return splits
+    if "validation" not in splits:
+        raise DataError(f"--test-split validation, but '{cfg.data}' has no validation split ({sorted(splits)}).")
+    rest = {k: v for k, v in splits.items() if k not in ("test", "validation")}
+    return {**rest, "test": splits["validation"]}
+
+
+def _record_splits(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
+    """Records per split from a local file or folder of split files, or from `datasets`, and the class names in
+    the source's order when it declares them (a `datasets` ClassLabel)."""
     path = Path(cfg.data)
     if path.is_file():
-        return {"all": read_records(path)}
+        return {"all": read_records(path, cfg.columns)}, None
     if path.is_dir():
         files = _split_files(path)
         if not files:
-            raise DataError(f"folder {path} holds no train/validation/test .csv/.jsonl/.json files.")
-        return {name: read_records(file) for name, file in files.items()}
+            raise DataError(f"folder {path} holds no train/validation/test .csv/.tsv/.jsonl/.json files.")
+        return {name: read_records(file, cfg.columns) for name, file in _choose_test(files, cfg).items()}, None
     return _hub_records(cfg)
 
 
-def _hub_records(cfg: TrainConfig) -> dict[str, list[dict[str, Any]]]:
+def _hub_records(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], list[str] | None]:
     try:
         import datasets
     except ImportError as exc:
@@ -130,21 +165,29 @@ def _hub_records(cfg: TrainConfig) -> dict[str, list[dict[str, Any]]]:
             "the Hugging Face Hub, pip install datasets."
         ) from exc
     try:
-        loaded = datasets.load_dataset(cfg.data)
+        loaded = datasets.load_dataset(cfg.data, cfg.dataset_config)
     except Exception as exc:  # datasets raises many types for unknown ids and offline use
+        config = f" (configuration {cfg.dataset_config})" if cfg.dataset_config else ""
         raise DataError(
-            f"cannot load dataset '{cfg.data}': not a local path and not loadable from the Hub ({exc})."
+            f"cannot load dataset '{cfg.data}'{config}: not a local path and not loadable from the Hub ({exc})."
         ) from exc
     names = {"val": "validation", "valid": "validation", "dev": "validation"}
-    out = {}
-    for split, table in loaded.items():
+    tables = _choose_test({names.get(split, split): table for split, table in loaded.items()}, cfg)
+    out, class_names = {}, None
+    for split, table in tables.items():
         rows = [dict(r) for r in table]
         feature = table.features.get(cfg.label_column)
         if getattr(feature, "names", None):  # ClassLabel: store names, not indices
+            class_names = list(feature.names)
+            if any(r[cfg.label_column] < 0 for r in rows):
+                raise DataError(
+                    f"the {split} split of '{cfg.data}' has unlabelled rows (label -1), as GLUE's test splits do; "
+                    "score on the validation split with --test-split validation."
+                )
             for r in rows:
                 r[cfg.label_column] = feature.names[r[cfg.label_column]]
-        out[names.get(split, split)] = rows
-    return out
+        out[split] = rows
+    return out, class_names
 
 
 def _assemble(per_split: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]:
@@ -153,7 +196,7 @@ def _assemble(per_split: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, li
     return _cap(_carve(rest, have, cfg), cfg)
 
 
-# ---- text classification ---------------------------------------------------------------------------------
+# ---- text classification and regression -----------------------------------------------------------------
 
 
 def _label_ids(splits: dict[str, list[tuple[Any, str]]], labels: list[str] | None, where: str) -> TaskData:
@@ -173,15 +216,39 @@ def _label_ids(splits: dict[str, list[tuple[Any, str]]], labels: list[str] | Non
     return TaskData(out, labels, where)
 
 
+def _text_records(cfg: TrainConfig) -> tuple[dict[str, list[tuple[tuple[str, str | None], Any]]], list[str] | None]:
+    """((text, pair text or None), label) per split from a file, folder or Hub dataset."""
+    per_split, class_names = _record_splits(cfg)
+    wanted = [cfg.text_column, cfg.label_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    out = {}
+    for name, rows in per_split.items():
+        text, label, *pair = require_columns(rows, wanted, f"{cfg.data} ({name})")
+        out[name] = [((str(r[text]), str(r[pair[0]]) if pair else None), r[label]) for r in rows]
+    return out, class_names
+
+
 def text_classification(cfg: TrainConfig) -> TaskData:
     if cfg.data in ("tweets", "bbc"):
         rows, labels = assets.tweets() if cfg.data == "tweets" else assets.bbc()
-        return _label_ids(_cap(_carve(rows, {}, cfg), cfg), labels, cfg.data)
-    per_split = _record_splits(cfg)
-    for name, rows in per_split.items():
-        require_columns(rows, [cfg.text_column, cfg.label_column], f"{cfg.data} ({name})")
-    pairs = {k: [(str(r[cfg.text_column]), r[cfg.label_column]) for r in v] for k, v in per_split.items()}
-    return _label_ids(_assemble(pairs, cfg), None, cfg.data)
+        pairs = [((text, None), label) for text, label in rows]
+        return _label_ids(_cap(_carve(pairs, {}, cfg), cfg), labels, cfg.data)
+    examples, class_names = _text_records(cfg)
+    return _label_ids(_assemble(examples, cfg), class_names, cfg.data)
+
+
+def text_regression(cfg: TrainConfig) -> TaskData:
+    examples, _ = _text_records(cfg)
+    out = {}
+    for split, rows in examples.items():
+        scores = []
+        for number, (_, y) in enumerate(rows, 1):
+            try:
+                scores.append(float(y))
+            except (TypeError, ValueError):
+                raise DataError(f"{cfg.data}: the {split} split's row {number} has the score {y!r} in column "
+                                f"'{cfg.label_column}', which is not a number.") from None  # fmt: skip
+        out[split] = [(x, s) for (x, _), s in zip(rows, scores, strict=True)]
+    return TaskData(_assemble(out, cfg), source=cfg.data)
 
 
 # ---- causal language modelling ---------------------------------------------------------------------------
@@ -197,19 +264,24 @@ def causal_lm(cfg: TrainConfig) -> TaskData:
     if path.is_file() and path.suffix == ".txt":
         paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
         return TaskData(_cap(_carve([(None, p) for p in paragraphs], {}, cfg), cfg), source=cfg.data)
-    per_split = _record_splits(cfg)
+    per_split, _ = _record_splits(cfg)
     first = next(iter(per_split.values()))
-    chat_style = bool(first) and cfg.prompt_column in first[0]
-    columns = [cfg.prompt_column, cfg.response_column] if chat_style else [cfg.text_column]
+    chat_style = bool(first) and any(c in first[0] for c in cfg.prompt_column.split("|"))
+    examples = {}
     for name, rows in per_split.items():
-        require_columns(rows, columns, f"{cfg.data} ({name})")
-    if chat_style:
-        examples = {
-            k: [(str(r[cfg.prompt_column]), str(r[cfg.response_column])) for r in v] for k, v in per_split.items()
-        }
-    else:
-        examples = {k: [(None, str(r[cfg.text_column])) for r in v] for k, v in per_split.items()}
+        where = f"{cfg.data} ({name})"
+        if not chat_style:
+            (text,) = require_columns(rows, [cfg.text_column], where)
+            examples[name] = [(None, str(r[text])) for r in rows]
+            continue
+        prompt, response = require_columns(rows, [cfg.prompt_column, cfg.response_column], where)
+        examples[name] = [(_prompt(r[prompt], r.get(cfg.input_column)), str(r[response])) for r in rows]
     return TaskData(_assemble(examples, cfg), source=cfg.data)
+
+
+def _prompt(instruction: Any, extra: Any) -> str | tuple[str, str]:
+    """The prompt of a chat-style record: the instruction, paired with its input when it has a non-empty one."""
+    return (str(instruction), str(extra)) if extra not in (None, "") else str(instruction)
 
 
 # ---- image classification --------------------------------------------------------------------------------
@@ -276,20 +348,23 @@ def image_classification(cfg: TrainConfig) -> TaskData:
         return _label_ids(_cap({"validation": [], **splits}, cfg), None, cfg.data)
     if path.is_dir():
         return _label_ids(_assemble(_image_folder(path), cfg), None, cfg.data)
-    per_split = _hub_records(cfg)
+    per_split, class_names = _hub_records(cfg)
+    pairs = {}
     for name, rows in per_split.items():
-        require_columns(rows, [cfg.image_column, cfg.label_column], f"{cfg.data} ({name})")
-    pairs = {k: [(r[cfg.image_column], r[cfg.label_column]) for r in v] for k, v in per_split.items()}
-    return _label_ids(_assemble(pairs, cfg), None, cfg.data)
+        image, label = require_columns(rows, [cfg.image_column, cfg.label_column], f"{cfg.data} ({name})")
+        pairs[name] = [(r[image], r[label]) for r in rows]
+    return _label_ids(_assemble(pairs, cfg), class_names, cfg.data)
 
 
 BUNDLED = ("tweets", "bbc", "chat", "shakespeare", "fashion")
-LOADERS = {"text-cls": text_classification, "causal-lm": causal_lm, "image-cls": image_classification}
+LOADERS = {"text-cls": text_classification, "text-reg": text_regression, "causal-lm": causal_lm,
+           "image-cls": image_classification}  # fmt: skip
 
 
 def load_task_data(cfg: TrainConfig) -> TaskData:
     """The train/validation/test examples of `cfg.data` for `cfg.task`."""
-    bundled_for = {"text-cls": ("tweets", "bbc"), "causal-lm": ("chat", "shakespeare"), "image-cls": ("fashion",)}
+    bundled_for = {"text-cls": ("tweets", "bbc"), "text-reg": (), "causal-lm": ("chat", "shakespeare"),
+                   "image-cls": ("fashion",)}  # fmt: skip
     if cfg.data in BUNDLED and cfg.data not in bundled_for[cfg.task]:
         raise DataError(f"bundled dataset '{cfg.data}' is not for task {cfg.task}; use {bundled_for[cfg.task]}.")
     if cfg.data not in BUNDLED and not Path(cfg.data).exists() and "/" not in cfg.data:

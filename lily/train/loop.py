@@ -86,11 +86,15 @@ def evaluate(task: Task, model: torch.nn.Module, loader: DataLoader, accelerator
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, device=accelerator.device)
+    dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
+    totals = None
     with torch.no_grad():
         for batch in loader:
-            totals += accelerator.gather_for_metrics(task.example_scores(model, batch).float()).sum(dim=0)
+            sums = accelerator.gather_for_metrics(task.example_scores(model, batch).to(dtype)).sum(dim=0)
+            totals = sums if totals is None else totals + sums
     model.train(was_training)
+    if totals is None:
+        raise TrainingError("cannot evaluate on an empty split.")
     return task.finish(totals)
 
 

@@ -1,8 +1,9 @@
-"""The three tasks: how each builds its model, batches its examples, scores a model, and predicts.
+"""The tasks: how each builds its model, batches its examples, scores a model, and predicts.
 
-text-cls   AutoModelForSequenceClassification, metric accuracy (higher is better)
+text-cls   AutoModelForSequenceClassification, one text or a pair; metric accuracy, mcc or f1
+text-reg   AutoModelForSequenceClassification with one output (MSE loss), one text or a pair; metric pearson
 causal-lm  AutoModelForCausalLM, loss on the response tokens, metric perplexity (lower is better)
-image-cls  AutoModelForImageClassification, metric accuracy (higher is better)
+image-cls  AutoModelForImageClassification, metric accuracy, mcc or f1
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -19,10 +21,21 @@ from lily import assets
 from lily.errors import LilyError
 from lily.train.config import TrainConfig
 from lily.train.data import TaskData
+from lily.train.metrics import Metric, make_metric
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 HEAD_NAMES = ("classifier", "score")
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n"
+    "### Response:\n"
+)
+"""The Alpaca prompt templates, as LLM-Adapters (and so the paper's commonsense code) trains with them."""
 
 
 class ModelError(LilyError, ValueError):
@@ -59,10 +72,9 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 
 
 def _check_head(model: torch.nn.Module, labels: list[str], name: str) -> None:
-    if model.config.num_labels != len(labels):
-        raise ModelError(
-            f"model '{name}' predicts {model.config.num_labels} labels but the data has {len(labels)} ({labels})."
-        )
+    if model.config.num_labels != max(1, len(labels)):
+        wanted = f"{len(labels)} ({labels})" if labels else "1 (a score)"
+        raise ModelError(f"model '{name}' predicts {model.config.num_labels} labels but the data has {wanted}.")
 
 
 @dataclass
@@ -74,8 +86,15 @@ class Task:
     model: torch.nn.Module
     processor: Any = None
 
-    metric_name = "accuracy"
     higher_is_better = True
+
+    @cached_property
+    def metric(self) -> Metric:
+        return make_metric(self.cfg.metric, len(self.data.labels))
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.name
 
     def examples(self, split: str) -> list[Any]:
         return self.data.splits[split]
@@ -83,14 +102,16 @@ class Task:
     def collate(self, batch: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
     def example_scores(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-example statistics (examples x 2), summed over the split and turned into the metric by `finish`."""
+        """Per-example statistics (examples x k), summed over the split and turned into the metric by `finish`."""
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        correct = (logits.argmax(-1) == batch["labels"]).float()
-        return torch.stack([correct, torch.ones_like(correct)], dim=1)
+        return self.metric.stats(self.predictions(logits), batch["labels"])
 
     def finish(self, totals: torch.Tensor) -> float:
-        return (totals[0] / totals[1]).item()
+        return self.metric.value(totals)
 
     def predict(self, model: torch.nn.Module, inputs: list[str]) -> list[str]:
         raise NotImplementedError
@@ -102,19 +123,45 @@ class Task:
 
 
 class TextClassification(Task):
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Tokenised, padded and truncated the same way for training, evaluation and prediction."""
-        return dict(self.processor(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+    def encode(self, texts: list[tuple[str, str | None]]) -> dict[str, torch.Tensor]:
+        """Tokenised, padded and truncated the same way for training, evaluation and prediction; a pair is
+        joined by the tokenizer's separator."""
+        first = [t for t, _ in texts]
+        second = [p for _, p in texts]
+        pairs = None if any(p is None for p in second) else second
+        return dict(self.processor(first, pairs, padding=True, truncation=True, max_length=self.cfg.max_length,
                                    return_tensors="pt"))  # fmt: skip
 
     def collate(self, batch):
         texts, labels = zip(*batch, strict=True)
         return {**self.encode(list(texts)), "labels": torch.tensor(labels)}
 
+    def _inputs(self, lines: list[str]) -> list[tuple[str, str | None]]:
+        """Prediction inputs: a text, or for pair tasks two texts separated by a tab."""
+        if not self.cfg.text_pair_column:
+            return [(line, None) for line in lines]
+        split = [line.split("\t", 1) for line in lines]
+        for line, parts in zip(lines, split, strict=True):
+            if len(parts) != 2:
+                raise ModelError(f"this run classifies text pairs: give each input as 'text<TAB>pair', got {line!r}.")
+        return [(a, b) for a, b in split]
+
     @torch.no_grad()
     def predict(self, model, inputs):
-        enc = {k: v.to(next(model.parameters()).device) for k, v in self.encode(inputs).items()}
+        enc = {k: v.to(next(model.parameters()).device) for k, v in self.encode(self._inputs(inputs)).items()}
         return self.label_strings(model(**enc).logits)
+
+
+class TextRegression(TextClassification):
+    def collate(self, batch):
+        texts, scores = zip(*batch, strict=True)
+        return {**self.encode(list(texts)), "labels": torch.tensor(scores, dtype=torch.float32)}
+
+    def predictions(self, logits):
+        return logits[:, 0]
+
+    def label_strings(self, logits):
+        return [f"{score:.4f}" for score in logits[:, 0].float().tolist()]
 
 
 def to_pixels(image: Any, size: int) -> torch.Tensor:
@@ -157,12 +204,18 @@ class CausalLM(Task):
     def examples(self, split):
         return self._tokenized[split]
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
+    def _prompt_ids(self, prompt: str | tuple[str, str]) -> list[int]:
+        """Token ids of a prompt (an instruction, or an instruction with its input) framed by --prompt-style."""
         tok = self.processor
+        instruction, extra = (prompt, None) if isinstance(prompt, str) else prompt
+        if self.cfg.prompt_style == "alpaca":
+            template = ALPACA_WITH_INPUT if extra else ALPACA
+            return tok(template.format(instruction=instruction, input=extra))["input_ids"]
+        text = instruction if extra is None else f"{instruction}\n\n{extra}"
         if tok.chat_template:
-            return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                 tokenize=True, return_dict=True)["input_ids"])  # fmt: skip
-        return tok(f"User: {prompt}\nAssistant: ")["input_ids"]
+        return tok(f"User: {text}\nAssistant: ")["input_ids"]
 
     def _tokenize(self, rows: list[tuple[str | None, str]]) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per example; prompt tokens get label -100; long plain texts become several blocks."""
@@ -206,15 +259,26 @@ class CausalLM(Task):
         return math.exp(min((totals[0] / totals[1]).item(), 50.0))
 
     @torch.no_grad()
-    def predict(self, model, inputs, max_new_tokens: int = 48):
+    def generate(self, model: torch.nn.Module, prompts: list[str | tuple[str, str]], max_new_tokens: int = 48,
+                 num_beams: int = 1, batch_size: int = 8) -> list[str]:  # fmt: skip
+        """Deterministic replies (greedy, or beam search), prompts batched with left padding."""
         device = next(model.parameters()).device
+        pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else 0
         replies = []
-        for prompt in inputs:
-            ids = torch.tensor([self._prompt_ids(prompt)], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=self.processor.pad_token_id)  # fmt: skip
-            replies.append(self.processor.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+        for start in range(0, len(prompts), batch_size):
+            ids = [self._prompt_ids(p) for p in prompts[start : start + batch_size]]
+            width = max(len(x) for x in ids)
+            input_ids = torch.full((len(ids), width), pad, device=device)
+            mask = torch.zeros((len(ids), width), dtype=torch.long, device=device)
+            for i, x in enumerate(ids):
+                input_ids[i, width - len(x) :], mask[i, width - len(x) :] = torch.tensor(x, device=device), 1
+            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 num_beams=num_beams, do_sample=False, pad_token_id=pad)  # fmt: skip
+            replies += [self.processor.decode(row[width:], skip_special_tokens=True).strip() for row in out]
         return replies
+
+    def predict(self, model, inputs):
+        return self.generate(model, inputs)
 
 
 def build_task(cfg: TrainConfig, data: TaskData) -> Task:
@@ -238,10 +302,13 @@ def build_task(cfg: TrainConfig, data: TaskData) -> Task:
     tokenizer = _from_pretrained(AutoTokenizer, cfg.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if cfg.task == "text-cls":
+    if cfg.task in ("text-cls", "text-reg"):
+        if cfg.task == "text-reg":
+            label_config = {"num_labels": 1, "problem_type": "regression"}
         model = _from_pretrained(AutoModelForSequenceClassification, cfg.model, **label_config)
         _check_head(model, data.labels, cfg.model)
         model.config.pad_token_id = tokenizer.pad_token_id
-        return TextClassification(cfg, data, model, tokenizer)
+        task_class = TextRegression if cfg.task == "text-reg" else TextClassification
+        return task_class(cfg, data, model, tokenizer)
     model = _from_pretrained(AutoModelForCausalLM, cfg.model)
     return CausalLM(cfg, data, model, tokenizer)
