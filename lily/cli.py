@@ -66,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     add_arguments(train)
     train.set_defaults(run=cmd_train)
-    from lily.recipes import NAMES, description
+    from lily.recipes import description, names
 
     recipe = commands.add_parser(
         "recipe", help="run one of the paper's experiments with its settings (any `lily train` flag overrides them)",
-        description="\n".join(f"{name}: {description(name)}" for name in NAMES),
+        description="\n".join(f"{name}: {description(name)}" for name in names()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    recipe.add_argument("recipe", choices=NAMES, help="the experiment")
+    recipe.add_argument("recipe", choices=names(), help="the experiment")
     add_arguments(recipe)
     recipe.set_defaults(run=cmd_recipe)
     evaluate = commands.add_parser("eval", help="evaluate the adapter of a finished run")

@@ -46,6 +46,18 @@ def tiny_bert_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-roberta")
+    tok = save_tokenizer(d)
+    torch.manual_seed(0)
+    cfg = transformers.RobertaConfig(vocab_size=len(SPECIAL + WORDS), hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=80,
+                                     pad_token_id=tok.pad_token_id, type_vocab_size=1)  # fmt: skip
+    transformers.RobertaModel(cfg).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llama")
     tok = save_tokenizer(d)

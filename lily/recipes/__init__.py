@@ -1,7 +1,8 @@
 """The paper's experiments as `lily recipe <name>`: each recipe is a set of `lily train` defaults.
 
 A recipe's values sit between the `TrainConfig` defaults and the user's YAML file and flags, so any of
-them can be overridden: `lily recipe vtab --model PATH --data PATH --epochs 10`.
+them can be overridden: `lily recipe vtab --model PATH --data PATH --epochs 10`. Each module below holds
+the recipes of one experiment in `RECIPES` (name -> options) and documents the paper's settings.
 """
 
 from __future__ import annotations
@@ -10,16 +11,23 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-NAMES = ("vtab",)
+MODULES = ("vtab", "glue", "commonsense")
+"""One module per experiment; a recipe's name starts with its module's name (`glue-rte` is in `glue`)."""
+
+
+def names() -> list[str]:
+    """Every recipe, in the order of MODULES."""
+    return [name for module in MODULES for name in recipe_module(module).RECIPES]
 
 
 def recipe_module(name: str) -> ModuleType:
-    return importlib.import_module(f"lily.recipes.{name}")
+    """The module that holds recipe `name`."""
+    return importlib.import_module(f"lily.recipes.{name.split('-')[0]}")
 
 
 def defaults(name: str) -> dict[str, Any]:
     """The `lily train` options of recipe `name`."""
-    return recipe_module(name).DEFAULTS
+    return recipe_module(name).RECIPES[name]
 
 
 def description(name: str) -> str:

@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
 """`lily train` options of the recipe. Routing is "sample" (per image); the paper's code pools the router
 over the whole batch ("batch"), which makes an image's output depend on its batch-mates."""
 
+RECIPES = {"vtab": DEFAULTS}
+
 
 def export_fashion(directory: str | Path, train: int = 1000, test: int = 2000, seed: int = 0) -> Path:
     """Write Fashion-MNIST (the bundled copy) as a VTAB-1k task folder: PNGs plus the four list files.

@@ -47,8 +47,9 @@ class TrainConfig:
     )
     data: str | None = _opt(
         None,
-        "Bundled dataset (tweets, bbc, chat, shakespeare, fashion), a local file (.csv, .jsonl, .txt), an image "
-        "folder (one sub-folder per class), or a Hugging Face `datasets` id. Default: tweets / chat / fashion.",
+        "Bundled dataset (tweets, bbc, chat, shakespeare, commonsense-mini, fashion), a local file (.csv, .tsv, "
+        ".jsonl, .json, .txt) or folder of split files, an image folder (one sub-folder per class), a VTAB-1k list "
+        "folder, or a Hugging Face `datasets` id. Default: tweets / chat / fashion.",
     )
     method: str = _opt("lily", "lily, lora (PEFT, at Lily's parameter budget), full, or head-only.", choices=METHODS)
     output_dir: str = _opt("out/run", "Directory for the adapter, checkpoints, metrics.json and plot.png.")
@@ -120,6 +121,7 @@ class TrainConfig:
     head_lr: float | None = _opt(None, "Learning rate of a newly trained head (default: --lr).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     warmup_ratio: float = _opt(0.06, "Share of steps with linear warm-up before the decay.")
+    warmup_steps: int | None = _opt(None, "Steps of linear warm-up (overrides --warmup-ratio).")
     schedule: str = _opt("linear", "Decay after warm-up: linear or cosine, down to --min-lr.", choices=SCHEDULES)
     min_lr: float = _opt(0.0, "Learning rate at the end of the decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
@@ -155,6 +157,8 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}.")
         if self.fsdp and self.method != "lily":
             raise ConfigError(f"--fsdp supports --method lily only, got --method {self.method}.")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}.")
         if not 0 <= self.min_lr <= self.lr:
@@ -235,7 +239,10 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    # `--targets none` unsets a list option that a recipe or YAML file set
+    values.update({k: None if isinstance(v, list) and [x.lower() for x in v] == ["none"] else v
+                   for k, v in given.items()})  # fmt: skip
     return TrainConfig(**values)
 
 

@@ -13,6 +13,7 @@ image-cls (image, label_id), where an image is a uint8 array or a file path.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -42,15 +43,16 @@ class TaskData:
 
 
 def _carve(rows: list[Any], have: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]:
-    """Fill the missing splits from `rows` (shuffled with split_seed): test first, then validation."""
+    """Fill the missing splits from `rows` (shuffled with split_seed): test first, then validation (none when
+    selecting on the test split)."""
     rows = list(rows)
     random.Random(cfg.split_seed).shuffle(rows)
     splits = dict(have)
     if "test" not in splits:
         n = max(1, round(len(rows) * cfg.test_fraction))
         splits["test"], rows = rows[:n], rows[n:]
-    if "validation" not in splits:
-        n = max(1, round(len(rows) * cfg.val_fraction)) if cfg.val_fraction > 0 else 0
+    if "validation" not in splits:  # selecting on the test split needs none
+        n = max(1, round(len(rows) * cfg.val_fraction)) if cfg.val_fraction > 0 and not cfg.select_on_test else 0
         splits["validation"], rows = rows[:n], rows[n:]
     splits["train"] = rows
     return splits
@@ -89,7 +91,7 @@ def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str,
 
 def _delimited(path: Path, columns: list[str] | None) -> list[dict[str, Any]]:
     dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: GLUE's MRPC files start with a BOM
         rows = [r for r in csv.reader(f, **dialect) if r]
     if columns is None:
         header, rows = (rows[0], rows[1:]) if rows else ([], [])
@@ -255,6 +257,8 @@ def text_regression(cfg: TrainConfig) -> TaskData:
 
 
 def causal_lm(cfg: TrainConfig) -> TaskData:
+    if cfg.data == "commonsense-mini":  # hand-written, in the commonsense_170k format
+        return causal_lm(dataclasses.replace(cfg, data=str(assets.COMMONSENSE_MINI / "train.json")))
     if cfg.data == "chat":
         return TaskData(_cap(_carve(assets.chat(), {}, cfg), cfg), source="chat")
     if cfg.data == "shakespeare":  # split by play, so no play is in two splits
@@ -275,11 +279,11 @@ def causal_lm(cfg: TrainConfig) -> TaskData:
             examples[name] = [(None, str(r[text])) for r in rows]
             continue
         prompt, response = require_columns(rows, [cfg.prompt_column, cfg.response_column], where)
-        examples[name] = [(_prompt(r[prompt], r.get(cfg.input_column)), str(r[response])) for r in rows]
+        examples[name] = [(record_prompt(r[prompt], r.get(cfg.input_column)), str(r[response])) for r in rows]
     return TaskData(_assemble(examples, cfg), source=cfg.data)
 
 
-def _prompt(instruction: Any, extra: Any) -> str | tuple[str, str]:
+def record_prompt(instruction: Any, extra: Any) -> str | tuple[str, str]:
     """The prompt of a chat-style record: the instruction, paired with its input when it has a non-empty one."""
     return (str(instruction), str(extra)) if extra not in (None, "") else str(instruction)
 
@@ -356,15 +360,15 @@ def image_classification(cfg: TrainConfig) -> TaskData:
     return _label_ids(_assemble(pairs, cfg), class_names, cfg.data)
 
 
-BUNDLED = ("tweets", "bbc", "chat", "shakespeare", "fashion")
+BUNDLED = ("tweets", "bbc", "chat", "shakespeare", "commonsense-mini", "fashion")
 LOADERS = {"text-cls": text_classification, "text-reg": text_regression, "causal-lm": causal_lm,
            "image-cls": image_classification}  # fmt: skip
 
 
 def load_task_data(cfg: TrainConfig) -> TaskData:
     """The train/validation/test examples of `cfg.data` for `cfg.task`."""
-    bundled_for = {"text-cls": ("tweets", "bbc"), "text-reg": (), "causal-lm": ("chat", "shakespeare"),
-                   "image-cls": ("fashion",)}  # fmt: skip
+    bundled_for = {"text-cls": ("tweets", "bbc"), "text-reg": (), "image-cls": ("fashion",),
+                   "causal-lm": ("chat", "shakespeare", "commonsense-mini")}  # fmt: skip
     if cfg.data in BUNDLED and cfg.data not in bundled_for[cfg.task]:
         raise DataError(f"bundled dataset '{cfg.data}' is not for task {cfg.task}; use {bundled_for[cfg.task]}.")
     if cfg.data not in BUNDLED and not Path(cfg.data).exists() and "/" not in cfg.data:

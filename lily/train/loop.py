@@ -198,7 +198,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         )
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or sys.maxsize)
-    schedule = lr_factor(total, round(cfg.warmup_ratio * total), cfg.schedule, cfg.min_lr / cfg.lr)
+    warmup = min(total, cfg.warmup_steps) if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total)
+    schedule = lr_factor(total, warmup, cfg.schedule, cfg.min_lr / cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     unwrapped = accelerator.unwrap_model(model)
 
