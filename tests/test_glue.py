@@ -58,8 +58,8 @@ def stsb_dir(tmp_path_factory):
         return [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{words(rng)}\t{words(rng)}\t{rng.uniform(0, 5):.3f}"
                 for i in range(n)]  # fmt: skip
 
-    write(root / "train.tsv", [header] + rows(24))
-    write(root / "dev.tsv", [header] + rows(10))
+    write(root / "train.tsv", [header, *rows(24)])
+    write(root / "dev.tsv", [header, *rows(10)])
     write(root / "test.tsv", [header.rsplit("\t", 1)[0]] + [r.rsplit("\t", 1)[0] for r in rows(4)])
     return root
 
@@ -70,8 +70,8 @@ def mrpc_dir(tmp_path_factory):
     root, rng = tmp_path_factory.mktemp("MRPC"), random.Random(2)
     header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
     rows = [f'{i % 2}\t{i}\t{i + 100}\t"{words(rng)}\t{words(rng)}"' for i in range(20)]
-    write(root / "train.tsv", [header] + rows[:14], bom=True)
-    write(root / "dev.tsv", [header] + rows[14:], bom=True)
+    write(root / "train.tsv", [header, *rows[:14]], bom=True)
+    write(root / "dev.tsv", [header, *rows[14:]], bom=True)
     return root
 
 
@@ -134,11 +134,11 @@ def test_glue_format_errors_name_the_fault(tmp_path, cola_dir):
     headed.mkdir()
     for name in ("train.tsv", "dev.tsv"):  # CoLA saved again with a header row
         write(headed / name, ["source\tlabel\toriginal_label\tsentence", (cola_dir / name).read_text().strip()])
-    with pytest.raises(DataError, match="has a header row .* but --columns"):
+    with pytest.raises(DataError, match=r"has a header row .* but --columns"):
         load_task_data(_cfg("glue-cola", headed))
     assert load_task_data(_cfg("glue-cola", headed, columns=None)).sizes()["train"] == 32
     (tmp_path / "train.tsv").write_text((cola_dir / "train.tsv").read_text())
-    with pytest.raises(DataError, match="--test-split validation, but .* has no validation split"):
+    with pytest.raises(DataError, match=r"--test-split validation, but .* has no validation split"):
         load_task_data(_cfg("glue-cola", tmp_path))
     (tmp_path / "dev.tsv").write_text("src\t1\t\n")
     with pytest.raises(DataError, match=r"dev.tsv, row 1: 3 fields where --columns names 4"):
