@@ -1,4 +1,4 @@
-"""`lily recipe commonsense`: the paper's settings, LLM-Adapters' formats, answer extraction, a tiny LLaMA end to end."""
+"""`lily recipe commonsense`: paper settings, LLM-Adapters formats, answer extraction, a tiny LLaMA end to end."""
 
 import json
 
