@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+import lily
 from lily.cli import main
 from lily.errors import ConfigError
 from lily.recipes import defaults, glue, names
@@ -175,3 +176,16 @@ def test_stsb_recipe_trains_a_regression_head(tiny_roberta_dir, stsb_dir, tmp_pa
     text, score = capsys.readouterr().out.strip().split("\t")[-2:]
     assert text == "bad day" and float(score) == pytest.approx(float(score))
     assert main(["predict", str(tmp_path / "stsb"), "no tab here"]) == 2  # a pair task needs two texts
+
+
+def test_bfloat16_weights_keep_lily_and_the_head_in_float32(tiny_roberta_dir, cola_dir, tmp_path):
+    _run("glue-rte", tiny_roberta_dir, cola_dir, tmp_path / "bf16", "--model-dtype", "bfloat16", "--epochs", "1",
+         "--dataset-config", "none", "--text-pair-column", "none", "--columns", "source", "label", "x", "sentence",
+         "--text-column", "sentence")  # fmt: skip
+    from lily.train.runs import load_run
+
+    model = load_run(tmp_path / "bf16").model
+    query = next(m for n, m in model.named_modules() if n.endswith("layer.0.attention.self.query"))
+    assert query.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in lily.adapter_parameters(model).values()} == {torch.float32}
+    assert {p.dtype for p in model.classifier.parameters()} == {torch.float32}

@@ -13,7 +13,7 @@ Differences, stated: routing is per token ("token"), so no position sees later t
 generation equals a full forward (the paper's code averages the router over the batch and the sequence);
 the loss covers the response tokens only (LLM-Adapters also trains on the prompt by default); the
 evaluation prompt is the training template (LLM-Adapters' evaluation copy of it is indented); the
-default mixed precision is bf16 autocast over fp32 weights (the paper loads the model in fp16).
+pretrained weights load in bfloat16 under bf16 autocast, Lily's tensors in float32 (the paper uses fp16).
 
     lily recipe commonsense --data commonsense_170k.json --output-dir out/llama3   # zwhe99/commonsense_170k
     python -m lily.recipes.commonsense evaluate out/llama3 --data LLM-Adapters/dataset
@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "grad_accum": 4,
     "max_length": 256,
+    "model_dtype": "bfloat16",
     "mixed_precision": "bf16",
     "eval_every": 200,
     "val_fraction": 0.001,

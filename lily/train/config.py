@@ -126,6 +126,12 @@ class TrainConfig:
     min_lr: float = _opt(0.0, "Learning rate at the end of the decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm (0: off).")
     mixed_precision: str = _opt("no", "no, bf16 or fp16 (accelerate mixed precision).", choices=("no", "bf16", "fp16"))
+    model_dtype: str = _opt(
+        "float32",
+        "Data type of the pretrained weights: float32, bfloat16 or float16 (halves their memory; Lily's own tensors "
+        "stay float32). A trainable head is cast to float32.",
+        choices=("float32", "bfloat16", "float16"),
+    )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
     fsdp: bool = _opt(
         False,
@@ -146,7 +152,7 @@ class TrainConfig:
     overwrite: bool = _opt(False, "Replace a different run found in --output-dir.")
 
     def __post_init__(self) -> None:
-        for name in ("task", "method", "mixed_precision", "schedule", "test_split", "prompt_style"):
+        for name in ("task", "method", "mixed_precision", "schedule", "test_split", "prompt_style", "model_dtype"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{_flag(name)}={getattr(self, name)!r}: choose one of {', '.join(choices)}.")

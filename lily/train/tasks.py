@@ -71,6 +71,18 @@ def head_modules(model: torch.nn.Module) -> list[str]:
     return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), torch.nn.Module)]
 
 
+def float32_heads(model: torch.nn.Module) -> None:
+    """Keep the task head in float32 under low-precision pretrained weights: its parameters train, so they need
+    float32 for AdamW, and its inputs are cast up to match."""
+
+    def upcast(_module: torch.nn.Module, args: tuple) -> tuple:
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    for name in head_modules(model):
+        head = model.get_submodule(name).float()
+        head.register_forward_pre_hook(upcast)
+
+
 def _check_head(model: torch.nn.Module, labels: list[str], name: str) -> None:
     if model.config.num_labels != max(1, len(labels)):
         wanted = f"{len(labels)} ({labels})" if labels else "1 (a score)"
@@ -295,9 +307,11 @@ def build_task(cfg: TrainConfig, data: TaskData) -> Task:
     label_config = {"num_labels": len(data.labels), "id2label": dict(enumerate(data.labels)),
                     "label2id": {n: i for i, n in enumerate(data.labels)}}  # fmt: skip
 
+    dtype = getattr(torch, cfg.model_dtype)
     if cfg.task == "image-cls":
-        model = _from_pretrained(AutoModelForImageClassification, cfg.model, **label_config)
+        model = _from_pretrained(AutoModelForImageClassification, cfg.model, dtype=dtype, **label_config)
         _check_head(model, data.labels, cfg.model)
+        float32_heads(model)
         return ImageClassification(cfg, data, model)
     tokenizer = _from_pretrained(AutoTokenizer, cfg.model)
     if tokenizer.pad_token is None:
@@ -305,10 +319,11 @@ def build_task(cfg: TrainConfig, data: TaskData) -> Task:
     if cfg.task in ("text-cls", "text-reg"):
         if cfg.task == "text-reg":
             label_config = {"num_labels": 1, "problem_type": "regression"}
-        model = _from_pretrained(AutoModelForSequenceClassification, cfg.model, **label_config)
+        model = _from_pretrained(AutoModelForSequenceClassification, cfg.model, dtype=dtype, **label_config)
         _check_head(model, data.labels, cfg.model)
+        float32_heads(model)
         model.config.pad_token_id = tokenizer.pad_token_id
         task_class = TextRegression if cfg.task == "text-reg" else TextClassification
         return task_class(cfg, data, model, tokenizer)
-    model = _from_pretrained(AutoModelForCausalLM, cfg.model)
+    model = _from_pretrained(AutoModelForCausalLM, cfg.model, dtype=dtype)
     return CausalLM(cfg, data, model, tokenizer)
