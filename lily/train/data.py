@@ -371,6 +371,9 @@ def load_task_data(cfg: TrainConfig) -> TaskData:
                    "causal-lm": ("chat", "shakespeare", "commonsense-mini")}  # fmt: skip
     if cfg.data in BUNDLED and cfg.data not in bundled_for[cfg.task]:
         raise DataError(f"bundled dataset '{cfg.data}' is not for task {cfg.task}; use {bundled_for[cfg.task]}.")
+    if cfg.data in BUNDLED and cfg.test_split != "test":
+        raise DataError(f"bundled dataset '{cfg.data}' has no validation split of its own to score as the test split; "
+                        "use --test-split test.")  # fmt: skip
     if cfg.data not in BUNDLED and not Path(cfg.data).exists() and "/" not in cfg.data:
         raise DataError(
             f"dataset '{cfg.data}' is not a bundled dataset ({', '.join(BUNDLED)}), not an existing path, and not a "
