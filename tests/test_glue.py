@@ -191,3 +191,49 @@ def test_bfloat16_weights_keep_lily_and_the_head_in_float32(tiny_roberta_dir, co
     assert query.weight.dtype == torch.bfloat16
     assert {p.dtype for p in lily.adapter_parameters(model).values()} == {torch.float32}
     assert {p.dtype for p in model.classifier.parameters()} == {torch.float32}
+
+
+class _ClassLabel:
+    def __init__(self, names):
+        self.names = names
+
+
+class _Table(list):
+    """What the code reads of a `datasets` split: its rows and its features."""
+
+    def __init__(self, rows, features):
+        super().__init__(rows)
+        self.features = features
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """`datasets.load_dataset` serving MRPC as nyu-mll/glue lays it out: ClassLabel ids, a test split labelled -1."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config=None):
+        calls.append((name, config))
+        features = {"sentence1": None, "sentence2": None, "label": _ClassLabel(["not_equivalent", "equivalent"])}
+
+        def rows(n, label):
+            return [{"sentence1": f"a {i}", "sentence2": f"b {i}", "label": label(i), "idx": i} for i in range(n)]
+
+        return {"train": _Table(rows(10, lambda i: i % 2), features),
+                "validation": _Table(rows(4, lambda i: 1), features),
+                "test": _Table(rows(3, lambda i: -1), features)}  # fmt: skip
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_glue_keeps_class_order_and_refuses_hidden_labels(fake_hub):
+    data = load_task_data(TrainConfig(**defaults("glue-mrpc")))
+    assert fake_hub == [("nyu-mll/glue", "mrpc")]
+    assert data.labels == ["not_equivalent", "equivalent"]  # the dataset's order: F1's positive class is index 1
+    assert data.sizes() == {"train": 10, "validation": 0, "test": 4}
+    assert data.splits["test"][0] == (("a 0", "b 0"), 1)
+    with pytest.raises(DataError, match=r"test split of 'nyu-mll/glue' has unlabelled rows \(label -1\)"):
+        load_task_data(TrainConfig(**{**defaults("glue-mrpc"), "test_split": "test"}))

@@ -178,16 +178,17 @@ def _hub_records(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], lis
     out, class_names = {}, None
     for split, table in tables.items():
         rows = [dict(r) for r in table]
-        feature = table.features.get(cfg.label_column)
+        label = next((c for c in cfg.label_column.split("|") if c in table.features), None)
+        feature = table.features.get(label)
         if getattr(feature, "names", None):  # ClassLabel: store names, not indices
             class_names = list(feature.names)
-            if any(r[cfg.label_column] < 0 for r in rows):
+            if any(r[label] < 0 for r in rows):
                 raise DataError(
                     f"the {split} split of '{cfg.data}' has unlabelled rows (label -1), as GLUE's test splits do; "
                     "score on the validation split with --test-split validation."
                 )
             for r in rows:
-                r[cfg.label_column] = feature.names[r[cfg.label_column]]
+                r[label] = feature.names[r[label]]
         out[split] = rows
     return out, class_names
 
