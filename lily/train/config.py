@@ -129,7 +129,7 @@ class TrainConfig:
     model_dtype: str = _opt(
         "float32",
         "Data type of the pretrained weights: float32, bfloat16 or float16 (halves their memory; Lily's own tensors "
-        "stay float32). A trainable head is cast to float32.",
+        "stay float32). A trainable head is cast to float32. For GPUs: CPUs without bf16 units run it far slower.",
         choices=("float32", "bfloat16", "float16"),
     )
     gradient_checkpointing: bool = _opt(False, "Recompute activations in the backward pass to save memory.")
