@@ -183,6 +183,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     train_loader = make_loader("train", sampler=EpochSampler(len(task.examples("train")), cfg.seed))
     test_loader = make_loader("test")
     val_loader = test_loader if cfg.select_on_test else make_loader("validation")
+    selected_on = "test" if cfg.select_on_test else "validation"
     head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
@@ -247,7 +248,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         progress.history.append({"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss,
                                  "val_metric": val})  # fmt: skip
         shown = "not evaluated" if val is None else f"{val:.4f}"
-        log(f"epoch {progress.epoch + 1}: train loss {loss:.4f}, validation {task.metric_name} {shown}")
+        log(f"epoch {progress.epoch + 1}: train loss {loss:.4f}, {selected_on} {task.metric_name} {shown}")
 
     from tqdm.auto import tqdm
 
@@ -320,7 +321,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         "history": progress.history,
         "test_before": progress.test_before,
         "best_val": progress.best_metric,
-        "selected_on": "test" if cfg.select_on_test else "validation",
+        "selected_on": selected_on,
         "best_step": progress.best_step,
         "test": test,
         "steps": progress.step,
@@ -334,7 +335,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         write_json_atomic(out / METRICS_FILE, metrics)
         write_plot(out, progress.history, task.metric_name)
     log(f"test {task.metric_name}: {test:.4f} (before training, step 0: {progress.test_before:.4f})")
-    log(f"best validation {task.metric_name} {progress.best_metric:.4f} at step {progress.best_step}; results in {out}")
+    best = f"{progress.best_metric:.4f} at step {progress.best_step}"
+    log(f"best {selected_on} {task.metric_name} {best}; results in {out}")
     return metrics
 
 
