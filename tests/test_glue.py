@@ -144,6 +144,9 @@ def test_glue_format_errors_name_the_fault(tmp_path, cola_dir):
     (tmp_path / "dev.tsv").write_text("src\t1\t\n")
     with pytest.raises(DataError, match=r"dev.tsv, row 1: 3 fields where --columns names 4"):
         load_task_data(_cfg("glue-cola", tmp_path))
+    (headed / "dev.tsv").write_text("source\tlabel\toriginal_label\tsentence\nsrc\t1\t\tgood day\textra\n")
+    with pytest.raises(DataError, match=r"dev.tsv, row 1: 5 fields where the header names 4"):  # a tab in a text
+        load_task_data(_cfg("glue-cola", headed, columns=None))
     with pytest.raises(DataError, match="bundled dataset 'tweets' has no validation split"):
         load_task_data(_cfg("glue-sst2", "tweets"))
     with pytest.raises(ConfigError, match="--metric='pearson' does not fit --task text-cls"):

@@ -90,20 +90,22 @@ def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str,
 
 
 def _delimited(path: Path, columns: list[str] | None) -> list[dict[str, Any]]:
+    """Rows of a .csv/.tsv file as dicts; a row whose field count differs from the header's (or from `columns`)
+    is an error, since its values would land in the wrong columns."""
     dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: GLUE's MRPC files start with a BOM
         rows = [r for r in csv.reader(f, **dialect) if r]
     if columns is None:
-        header, rows = (rows[0], rows[1:]) if rows else ([], [])
-        return [dict(zip(header, r, strict=False)) for r in rows]
-    if rows and set(rows[0]) & set(columns):
+        names, rows, source = (rows[0] if rows else []), rows[1:], "the header"
+    elif rows and set(rows[0]) & set(columns):
         raise DataError(f"{path} has a header row ({rows[0]}) but --columns {columns} was given for a header-less "
                         "file; drop --columns.")  # fmt: skip
+    else:
+        names, source = columns, "--columns"
     for number, row in enumerate(rows, 1):
-        if len(row) != len(columns):
-            raise DataError(f"{path}, row {number}: {len(row)} fields where --columns names {len(columns)} "
-                            f"({columns}).")  # fmt: skip
-    return [dict(zip(columns, r, strict=True)) for r in rows]
+        if len(row) != len(names):
+            raise DataError(f"{path}, row {number}: {len(row)} fields where {source} names {len(names)} ({names}).")
+    return [dict(zip(names, r, strict=True)) for r in rows]
 
 
 def require_columns(rows: list[dict[str, Any]], columns: list[str], where: str) -> list[str]:
