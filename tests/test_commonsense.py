@@ -126,6 +126,12 @@ def test_base_scoring_switches_the_adapter_off(tiny_llama_dir, commonsense_files
     assert not torch.allclose(base, task.model(input_ids=ids).logits)
     with pytest.raises(LilyError, match="set 'nope' not found"):
         commonsense.evaluate(run, commonsense_files / "dataset", sets=["nope"])
+    assert commonsense.main(["evaluate", str(run), "--data", str(commonsense_files / "dataset"), "--sets", "nope"]) == 2
+    argv = ["evaluate", str(run), "--data", str(commonsense_files / "dataset"), "--sets", "piqa", "--limit", "1",
+            "--num-beams", "1", "--max-new-tokens", "2", "--base"]  # fmt: skip
+    assert commonsense.main(argv) == 0
+    scored = json.loads((run / "commonsense-base.json").read_text())
+    assert list(scored["sets"]) == ["piqa"] and scored["sets"]["piqa"]["examples"] == 1 and scored["num_beams"] == 1
 
 
 def test_hand_written_mini_set_is_in_the_public_formats():

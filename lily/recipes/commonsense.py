@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from lily import assets
+from lily.errors import LilyError
 from lily.train.data import DataError, read_records, record_prompt, require_columns
 
 DEFAULTS: dict[str, Any] = {
@@ -161,7 +163,7 @@ def evaluate(run_dir: str | Path, data: str | Path, sets: list[str] | None = Non
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Commonsense-reasoning evaluation (LLM-Adapters protocol).")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("evaluate", help="score a finished run on the evaluation sets")
@@ -175,9 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--limit", type=int, help="score at most this many examples per set")
     run.add_argument("--base", action="store_true", help="score the model without the adapter")
     args = parser.parse_args(argv)
-    evaluate(args.run_dir, args.data, args.sets, args.num_beams, args.max_new_tokens, args.batch_size, args.limit,
-             args.base)  # fmt: skip
+    try:
+        evaluate(args.run_dir, args.data, args.sets, args.num_beams, args.max_new_tokens, args.batch_size,
+                 args.limit, args.base)  # fmt: skip
+    except LilyError as exc:
+        print(f"commonsense evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
