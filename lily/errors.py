@@ -23,3 +23,7 @@ class CheckpointError(LilyError, ValueError):
 
 class MergeError(LilyError, RuntimeError):
     """The adapter cannot be merged into (or unmerged from) the base weights."""
+
+
+class DataError(LilyError, ValueError):
+    """A dataset is missing, malformed, or does not fit the task."""

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from lily import assets
-from lily.errors import LilyError
-from lily.train.data import DataError, read_records, record_prompt, require_columns
+from lily.errors import DataError, LilyError
+from lily.train.data import record_prompt
+from lily.train.files import read_records, require_columns
 
 DEFAULTS: dict[str, Any] = {
     "task": "causal-lm",

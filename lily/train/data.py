@@ -12,24 +12,16 @@ image-cls (image, label_id), where an image is a uint8 array or a file path.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lily import assets
-from lily.errors import LilyError
+from lily.errors import DataError
 from lily.train.config import TrainConfig
-
-SPLITS = ("train", "validation", "test")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-
-
-class DataError(LilyError, ValueError):
-    """A dataset is missing, malformed, or does not fit the task."""
+from lily.train.files import SPLITS, VTAB_LISTS, image_folder, read_records, require_columns, split_files, vtab_lists
 
 
 @dataclass
@@ -67,72 +59,7 @@ def _cap(splits: dict[str, list[Any]], cfg: TrainConfig) -> dict[str, list[Any]]
     return capped
 
 
-# ---- reading local files ---------------------------------------------------------------------------------
-
-
-def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
-    """Rows of a .csv, .tsv, .jsonl or .json (a list of objects) file. A .csv/.tsv file has a header row unless
-    `columns` names its columns. A .tsv is read without quote handling, as GLUE's files need."""
-    try:
-        if path.suffix in (".csv", ".tsv"):
-            return _delimited(path, columns)
-        if path.suffix == ".jsonl":
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return [json.loads(line) for line in lines]
-        if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, list):
-                return data
-            raise DataError(f"{path} must hold a JSON list of objects.")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path} cannot be parsed: {exc}") from exc
-    raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .csv, .tsv, .jsonl, .json or .txt.")
-
-
-def _delimited(path: Path, columns: list[str] | None) -> list[dict[str, Any]]:
-    """Rows of a .csv/.tsv file as dicts; a row whose field count differs from the header's (or from `columns`)
-    is an error, since its values would land in the wrong columns."""
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if path.suffix == ".tsv" else {}
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: GLUE's MRPC files start with a BOM
-        rows = [r for r in csv.reader(f, **dialect) if r]
-    if columns is None:
-        names, rows, source = (rows[0] if rows else []), rows[1:], "the header"
-    elif rows and set(rows[0]) & set(columns):
-        raise DataError(f"{path} has a header row ({rows[0]}) but --columns {columns} was given for a header-less "
-                        "file; drop --columns.")  # fmt: skip
-    else:
-        names, source = columns, "--columns"
-    for number, row in enumerate(rows, 1):
-        if len(row) != len(names):
-            raise DataError(f"{path}, row {number}: {len(row)} fields where {source} names {len(names)} ({names}).")
-    return [dict(zip(names, r, strict=True)) for r in rows]
-
-
-def require_columns(rows: list[dict[str, Any]], columns: list[str], where: str) -> list[str]:
-    """The columns of `rows` that `columns` name; an entry 'a|b' names the first of its alternatives present."""
-    if not rows:
-        raise DataError(f"{where} has no rows.")
-    available = list(rows[0].keys())
-    found = []
-    for column in columns:
-        present = [c for c in column.split("|") if c in available]
-        if not present:
-            raise DataError(
-                f"{where} has no column '{column}' (columns: {available}); name the right one with --text-column, "
-                "--text-pair-column, --label-column, --prompt-column, --response-column or --image-column."
-            )
-        found.append(present[0])
-    return found
-
-
-def _split_files(path: Path) -> dict[str, Path]:
-    """For a directory: its train/validation(val, dev)/test files of one supported type."""
-    found = {}
-    for file in sorted(path.iterdir()):
-        stem = {"val": "validation", "valid": "validation", "dev": "validation"}.get(file.stem, file.stem)
-        if stem in SPLITS and file.suffix in (".csv", ".tsv", ".jsonl", ".json", ".txt"):
-            found[stem] = file
-    return found
+# ---- choosing splits -------------------------------------------------------------------------------------
 
 
 def _choose_test(splits: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
@@ -153,7 +80,7 @@ def _record_splits(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], l
     if path.is_file():
         return {"all": read_records(path, cfg.columns)}, None
     if path.is_dir():
-        files = _split_files(path)
+        files = split_files(path)
         if not files:
             raise DataError(f"folder {path} holds no train/validation/test .csv/.tsv/.jsonl/.json files.")
         return {name: read_records(file, cfg.columns) for name, file in _choose_test(files, cfg).items()}, None
@@ -294,54 +221,6 @@ def record_prompt(instruction: Any, extra: Any) -> str | tuple[str, str]:
 # ---- image classification --------------------------------------------------------------------------------
 
 
-def _image_folder(root: Path) -> dict[str, list[tuple[Path, str]]]:
-    def scan(folder: Path) -> list[tuple[Path, str]]:
-        return [
-            (f, cls.name)
-            for cls in sorted(p for p in folder.iterdir() if p.is_dir())
-            for f in sorted(cls.iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-
-    subdirs = {p.name: p for p in root.iterdir() if p.is_dir()}
-    named = {"val": "validation", "valid": "validation"}
-    if "train" in subdirs:
-        out = {named.get(n, n): scan(p) for n, p in subdirs.items() if named.get(n, n) in SPLITS}
-    else:
-        out = {"all": scan(root)}
-    if not any(out.values()):
-        raise DataError(f"image folder {root} holds no images in class sub-folders (root/<class>/<image>).")
-    return out
-
-
-VTAB_LISTS = ("train800val200.txt", "train800.txt", "val200.txt", "test.txt")
-
-
-def _vtab_lists(root: Path, cfg: TrainConfig) -> dict[str, list[tuple[Path, str]]]:
-    """A VTAB-1k task folder: `<image path relative to root> <label>` lines in train800val200.txt / train800.txt /
-    val200.txt / test.txt. Train on all 1,000 images when selecting on test (the FacT/NOAH protocol), else
-    on train800 with val200 for validation."""
-
-    def read(name: str) -> list[tuple[Path, str]]:
-        file = root / name
-        if not file.is_file():
-            raise DataError(f"VTAB-1k folder {root} lacks {name} (expected {', '.join(VTAB_LISTS)}).")
-        rows = []
-        for number, line in enumerate(file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not (root / parts[0]).is_file():
-                raise DataError(f"{file}, line {number}: expected '<image path> <label>' of an existing image, "
-                                f"got {line!r}.")  # fmt: skip
-            rows.append((root / parts[0], parts[1]))
-        return rows
-
-    if cfg.select_on_test:
-        return {"train": read("train800val200.txt"), "test": read("test.txt")}
-    return {"train": read("train800.txt"), "validation": read("val200.txt"), "test": read("test.txt")}
-
-
 def image_classification(cfg: TrainConfig) -> TaskData:
     if cfg.data == "fashion":
         arrays = assets.fashion_mnist()
@@ -351,10 +230,10 @@ def image_classification(cfg: TrainConfig) -> TaskData:
         return _label_ids(_cap(_carve(train, {"test": test}, cfg), cfg), assets.FASHION_LABELS, "fashion")
     path = Path(cfg.data)
     if path.is_dir() and (path / VTAB_LISTS[0]).is_file():
-        splits = _vtab_lists(path, cfg)
+        splits = vtab_lists(path, cfg.select_on_test)
         return _label_ids(_cap({"validation": [], **splits}, cfg), None, cfg.data)
     if path.is_dir():
-        return _label_ids(_assemble(_image_folder(path), cfg), None, cfg.data)
+        return _label_ids(_assemble(image_folder(path), cfg), None, cfg.data)
     per_split, class_names = _hub_records(cfg)
     pairs = {}
     for name, rows in per_split.items():
