@@ -31,5 +31,6 @@ def defaults(name: str) -> dict[str, Any]:
 
 
 def description(name: str) -> str:
-    """The first line of the recipe module's docstring."""
-    return (recipe_module(name).__doc__ or name).strip().splitlines()[0]
+    """The module's line for the recipe (`DESCRIPTIONS`), else the first line of its docstring."""
+    module = recipe_module(name)
+    return getattr(module, "DESCRIPTIONS", {}).get(name) or (module.__doc__ or name).strip().splitlines()[0]

@@ -76,3 +76,13 @@ def _recipe(name: str) -> dict[str, Any]:
 
 
 RECIPES = {f"glue-{name}": _recipe(name) for name in SETTINGS}
+
+
+def _describe(name: str) -> str:
+    ne, scale, head_lr, lr, epochs, batch = SETTINGS[name]
+    metric = COLUMNS[name].get("metric", "accuracy")
+    return (f"GLUE {name} on RoBERTa, q/v: ne {ne}, s {scale}, lr {lr:g} (head {head_lr:g}), {epochs} epochs, batch "
+            f"{batch}, best dev {metric}.")  # fmt: skip
+
+
+DESCRIPTIONS = {f"glue-{name}": _describe(name) for name in SETTINGS}
