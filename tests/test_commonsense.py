@@ -88,6 +88,13 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_llama_dir):
     assert batched == [task.generate(model, [p], max_new_tokens=6)[0] for p in prompts]
     beams = task.generate(model, prompts, max_new_tokens=6, num_beams=3, batch_size=3)
     assert beams == [task.generate(model, [p], max_new_tokens=6, num_beams=3)[0] for p in prompts]
+    # the recipe's token routing is leak-free: generating with the KV cache equals recomputing every step
+    ids = torch.tensor([task._prompt_ids("what is your name")])
+    cached, full = (model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                   do_sample=False, use_cache=use, output_scores=True, return_dict_in_generate=True)
+                    for use in (True, False))  # fmt: skip
+    assert torch.equal(cached.sequences, full.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(cached.scores, full.scores, strict=True)) < 1e-5
 
 
 def _train(model: str, files, out, epochs: int) -> None:
