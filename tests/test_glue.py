@@ -147,6 +147,9 @@ def test_glue_format_errors_name_the_fault(tmp_path, cola_dir):
     (headed / "dev.tsv").write_text("source\tlabel\toriginal_label\tsentence\nsrc\t1\t\tgood day\textra\n")
     with pytest.raises(DataError, match=r"dev.tsv, row 1: 5 fields where the header names 4"):  # a tab in a text
         load_task_data(_cfg("glue-cola", headed, columns=None))
+    (tmp_path / "single.tsv").write_text((cola_dir / "train.tsv").read_text())
+    with pytest.raises(DataError, match=r"--test-split validation, but .*single.tsv' has no validation split"):
+        load_task_data(_cfg("glue-cola", tmp_path / "single.tsv"))
     with pytest.raises(DataError, match="bundled dataset 'tweets' has no validation split"):
         load_task_data(_cfg("glue-sst2", "tweets"))
     with pytest.raises(ConfigError, match="--metric='pearson' does not fit --task text-cls"):

@@ -78,7 +78,7 @@ def _record_splits(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], l
     the source's order when it declares them (a `datasets` ClassLabel)."""
     path = Path(cfg.data)
     if path.is_file():
-        return {"all": read_records(path, cfg.columns)}, None
+        return _choose_test({"all": read_records(path, cfg.columns)}, cfg), None
     if path.is_dir():
         files = split_files(path)
         if not files:
@@ -197,7 +197,8 @@ def causal_lm(cfg: TrainConfig) -> TaskData:
     path = Path(cfg.data)
     if path.is_file() and path.suffix == ".txt":
         paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-        return TaskData(_cap(_carve([(None, p) for p in paragraphs], {}, cfg), cfg), source=cfg.data)
+        splits = _choose_test({"all": [(None, p) for p in paragraphs]}, cfg)
+        return TaskData(_cap(_carve(splits["all"], {}, cfg), cfg), source=cfg.data)
     per_split, _ = _record_splits(cfg)
     first = next(iter(per_split.values()))
     chat_style = bool(first) and any(c in first[0] for c in cfg.prompt_column.split("|"))
@@ -230,10 +231,10 @@ def image_classification(cfg: TrainConfig) -> TaskData:
         return _label_ids(_cap(_carve(train, {"test": test}, cfg), cfg), assets.FASHION_LABELS, "fashion")
     path = Path(cfg.data)
     if path.is_dir() and (path / VTAB_LISTS[0]).is_file():
-        splits = vtab_lists(path, cfg.select_on_test)
+        splits = _choose_test(vtab_lists(path, cfg.select_on_test), cfg)
         return _label_ids(_cap({"validation": [], **splits}, cfg), None, cfg.data)
     if path.is_dir():
-        return _label_ids(_assemble(image_folder(path), cfg), None, cfg.data)
+        return _label_ids(_assemble(_choose_test(image_folder(path), cfg), cfg), None, cfg.data)
     per_split, class_names = _hub_records(cfg)
     pairs = {}
     for name, rows in per_split.items():
