@@ -126,8 +126,6 @@ def evaluate(run_dir: str | Path, data: str | Path, sets: list[str] | None = Non
     prediction to `<run_dir>/commonsense.json` (`commonsense-base.json` for `base`)."""
     from contextlib import nullcontext
 
-    from tqdm.auto import tqdm
-
     import lily
     from lily.train.outputs import write_json_atomic
     from lily.train.runs import load_run
@@ -147,10 +145,7 @@ def evaluate(run_dir: str | Path, data: str | Path, sets: list[str] | None = Non
     with lily.disable_adapters(task.model) if base else nullcontext():
         for name, rows in records.items():
             prompts = [record_prompt(r["instruction"], r.get("input")) for r in rows]
-            replies = []
-            for start in tqdm(range(0, len(prompts), batch_size), desc=name, unit="batch", leave=False):
-                replies += task.generate(task.model, prompts[start : start + batch_size], max_new_tokens, num_beams,
-                                         batch_size)  # fmt: skip
+            replies = task.generate(task.model, prompts, max_new_tokens, num_beams, batch_size, progress=name)
             predictions = [extract_answer(reply, answer_words(name, r["instruction"]))
                            for reply, r in zip(replies, rows, strict=True)]  # fmt: skip
             correct = sum(p == str(r["answer"]) for p, r in zip(predictions, rows, strict=True))

@@ -21,7 +21,16 @@ from typing import Any
 from lily import assets
 from lily.errors import DataError
 from lily.train.config import TrainConfig
-from lily.train.files import SPLITS, VTAB_LISTS, image_folder, read_records, require_columns, split_files, vtab_lists
+from lily.train.files import (
+    SPLIT_ALIASES,
+    SPLITS,
+    VTAB_LISTS,
+    image_folder,
+    read_records,
+    require_columns,
+    split_files,
+    vtab_lists,
+)
 
 
 @dataclass
@@ -102,8 +111,7 @@ def _hub_records(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], lis
         raise DataError(
             f"cannot load dataset '{cfg.data}'{config}: not a local path and not loadable from the Hub ({exc})."
         ) from exc
-    names = {"val": "validation", "valid": "validation", "dev": "validation"}
-    tables = _choose_test({names.get(split, split): table for split, table in loaded.items()}, cfg)
+    tables = _choose_test({SPLIT_ALIASES.get(split, split): table for split, table in loaded.items()}, cfg)
     out, class_names = {}, None
     for split, table in tables.items():
         rows = [dict(r) for r in table]

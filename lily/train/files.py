@@ -12,6 +12,8 @@ from lily.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+"""Other names of the validation split, in file names and in `datasets` splits."""
 
 
 def read_records(path: Path, columns: list[str] | None = None) -> list[dict[str, Any]]:
@@ -73,7 +75,7 @@ def split_files(path: Path) -> dict[str, Path]:
     """For a directory: its train/validation(val, dev)/test files of one supported type."""
     found = {}
     for file in sorted(path.iterdir()):
-        stem = {"val": "validation", "valid": "validation", "dev": "validation"}.get(file.stem, file.stem)
+        stem = SPLIT_ALIASES.get(file.stem, file.stem)
         if stem in SPLITS and file.suffix in (".csv", ".tsv", ".jsonl", ".json", ".txt"):
             found[stem] = file
     return found

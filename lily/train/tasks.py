@@ -144,9 +144,11 @@ class TextClassification(Task):
         return dict(self.processor(first, pairs, padding=True, truncation=True, max_length=self.cfg.max_length,
                                    return_tensors="pt"))  # fmt: skip
 
+    label_dtype = torch.long
+
     def collate(self, batch):
         texts, labels = zip(*batch, strict=True)
-        return {**self.encode(list(texts)), "labels": torch.tensor(labels)}
+        return {**self.encode(list(texts)), "labels": torch.tensor(labels, dtype=self.label_dtype)}
 
     def _inputs(self, lines: list[str]) -> list[tuple[str, str | None]]:
         """Prediction inputs: a text, or for pair tasks two texts separated by a tab."""
@@ -165,9 +167,7 @@ class TextClassification(Task):
 
 
 class TextRegression(TextClassification):
-    def collate(self, batch):
-        texts, scores = zip(*batch, strict=True)
-        return {**self.encode(list(texts)), "labels": torch.tensor(scores, dtype=torch.float32)}
+    label_dtype = torch.float32
 
     def predictions(self, logits):
         return logits[:, 0]
@@ -272,12 +272,16 @@ class CausalLM(Task):
 
     @torch.no_grad()
     def generate(self, model: torch.nn.Module, prompts: list[str | tuple[str, str]], max_new_tokens: int = 48,
-                 num_beams: int = 1, batch_size: int = 8) -> list[str]:  # fmt: skip
-        """Deterministic replies (greedy, or beam search), prompts batched with left padding."""
+                 num_beams: int = 1, batch_size: int = 8, progress: str | None = None) -> list[str]:  # fmt: skip
+        """Deterministic replies (greedy, or beam search), prompts batched with left padding; `progress` names a
+        progress bar over the batches."""
+        from tqdm.auto import tqdm
+
         device = next(model.parameters()).device
         pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else 0
         replies = []
-        for start in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             ids = [self._prompt_ids(p) for p in prompts[start : start + batch_size]]
             width = max(len(x) for x in ids)
             input_ids = torch.full((len(ids), width), pad, device=device)
