@@ -5,7 +5,6 @@ Also the adapter-level operations that need no injection: look-ups, parameters, 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,31 +13,12 @@ from torch import nn
 
 from lily.config import LilyConfig
 from lily.errors import InjectionError, MergeError
-from lily.layer import LilyBranch, LilySite, RoutingContext
+from lily.layer import LilyBranch, LilySite
 from lily.plan import ADAPTER_ATTR, TargetType
 from lily.routing import require_mergeable
 
 FILE_PREFIX = "lily_adapter"
 """Prefix of the bank tensors in an adapter file (format version 1)."""
-
-
-class MaskCapture:
-    """Forward pre-hook that hands the model's 2-D `attention_mask` (given by keyword or position) to the router.
-
-    A callable object rather than a closure, so `copy.deepcopy(model)` gives the copy its own context.
-    """
-
-    def __init__(self, context: RoutingContext, model: nn.Module) -> None:
-        self.context = context
-        params = list(inspect.signature(model.forward).parameters.values())
-        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self.position = positional.index("attention_mask") if "attention_mask" in positional else None
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and self.position is not None and len(args) > self.position:
-            mask = args[self.position]
-        self.context.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 class LilyAdapter(nn.Module):
@@ -75,8 +55,8 @@ class LilyAdapters(nn.ModuleDict):
     """Every named adapter of one model, registered on its root as `model.lily_adapters`, so `model.to(...)`,
     `model.state_dict()` and `model.parameters()` see each shared A group and B expert exactly once.
 
-    Holds which adapter is active, whether adapters are disabled, the routing context shared by all of
-    them, and what `remove` needs to restore the model.
+    Holds which adapter is active, whether adapters are disabled, and what `remove` needs to restore the
+    model (including the handles of the hooks that delimit each model call, see `lily.calls`).
     """
 
     def __init__(self, trainable_before: list[str]) -> None:
@@ -84,7 +64,6 @@ class LilyAdapters(nn.ModuleDict):
         self.active: str | None = None
         self.disabled = False
         self.trainable_before = trainable_before
-        self.context = RoutingContext()
         self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

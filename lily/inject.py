@@ -11,7 +11,6 @@ from lily.adapter import (
     ADAPTER_ATTR,
     LilyAdapter,
     LilyAdapters,
-    MaskCapture,
     find_adapters,
     get_adapter,
     get_adapters,
@@ -19,10 +18,12 @@ from lily.adapter import (
     set_adapter,
 )
 from lily.bank import LilyBank
+from lily.calls import ModelCall
 from lily.config import LilyConfig
 from lily.errors import InjectionError, MergeError
 from lily.layer import SLOT_ATTR, LilyBranch, LilyLayer, LilySite, ParallelSlot
-from lily.plan import check_adaptable, plan_targets, plan_trainable_modules
+from lily.merge import require_mergeable
+from lily.plan import TargetType, check_adaptable, plan_targets, plan_trainable_modules
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -90,6 +91,7 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
 
     The first adapter freezes every base parameter. A model can carry several adapters, each with its own
     config and sharing; `lily.set_adapter` switches between them (only the active one runs and trains).
+    Everything is checked and allocated before the model is touched: on any error it is left as it was.
 
     Example:
         >>> model = lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "v_proj"], r=32))
@@ -106,31 +108,35 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
     trainable_modules = plan_trainable_modules(model, config, plan)
     if adapters is not None:
         _check_trainable_modules(adapters, trainable_modules)
+    for t in plan:
+        if t.placement == "parallel":
+            for source, sink in zip(t.sources, t.module_names, strict=True):
+                _check_parallel_site(model, source, sink)
     routing, reason = resolve_routing(model, config)
+
+    # allocate everything (the step that can run out of memory) before the model changes
+    adapter = LilyAdapter(name, dataclasses.replace(config, routing=routing), plan, trainable_modules, reason)
+    sites: list[tuple[TargetType, int, LilyBranch]] = []
+    for t in plan:
+        device = next(model.get_submodule(t.module_names[0]).parameters()).device
+        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, device=device)
+        adapter.banks[t.key] = bank
+        for i, group in enumerate(t.groups):
+            sites.append((t, i, LilyBranch(bank, group, routing, config.scaling, config.dropout, t.activation)))
+
     if adapters is None:
         adapters = LilyAdapters([n for n, p in model.named_parameters() if p.requires_grad])
         for param in model.parameters():
             param.requires_grad_(False)
         model.add_module(ADAPTER_ATTR, adapters)
-    adapter = LilyAdapter(name, dataclasses.replace(config, routing=routing), plan, trainable_modules, reason)
-
-    for t in plan:
-        device = next(model.get_submodule(t.module_names[0]).parameters()).device
-        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, device=device)
-        adapter.banks[t.key] = bank
-        for i, (module_name, group) in enumerate(zip(t.module_names, t.groups, strict=True)):
-            if t.placement == "parallel":
-                site: LilySite = _parallel_slot(model, t.sources[i], module_name)
-            else:
-                site = _layer(model, module_name)
-            site.adapters[name] = LilyBranch(
-                bank, group, routing, config.scaling, config.dropout, adapters.context, t.activation
-            )
-
+        adapters.hook_handles = ModelCall(model).register(model)
+    for t, i, branch in sites:
+        if t.placement == "parallel":
+            site: LilySite = _parallel_slot(model, t.sources[i], t.module_names[i])
+        else:
+            site = _layer(model, t.module_names[i])
+        site.adapters[name] = branch
     adapters[name] = adapter
-    if routing == "sample" and not adapters.hook_handles:
-        hook = MaskCapture(adapters.context, model)
-        adapters.hook_handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
     return set_adapter(model, name)
 
 
@@ -144,31 +150,45 @@ def _layer(model: nn.Module, name: str) -> LilyLayer:
     return layer
 
 
-def _parallel_slot(model: nn.Module, source: str, sink: str) -> ParallelSlot:
-    """The ParallelSlot on module `sink` (reading the input of `source`), created if needed."""
-    sink_module = model.get_submodule(sink)
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The base module: a layer an adapter wraps stands for its base layer."""
+    return module.base_layer if isinstance(module, LilyLayer) else module
+
+
+def _check_parallel_site(model: nn.Module, source: str, sink: str) -> None:
+    """Raise InjectionError if a parallel adapter reading `source` cannot be added to module `sink`."""
+    sink_module = _unwrapped(model.get_submodule(sink))
     slot = getattr(sink_module, SLOT_ATTR, None)
-    if isinstance(slot, ParallelSlot):
-        if slot.source != source:
-            raise InjectionError(f"'{sink}' already has a parallel adapter reading '{slot.source}', not '{source}'.")
-        return slot
+    if isinstance(slot, ParallelSlot) and slot.source != source:
+        raise InjectionError(f"'{sink}' already has a parallel adapter reading '{slot.source}', not '{source}'.")
     if isinstance(sink_module, nn.Sequential | nn.ModuleList | nn.ModuleDict):
         raise InjectionError(
             f"parallel adapter sink '{sink}' is a {type(sink_module).__name__}; a container cannot hold the "
             "adapter's slot. Point parallel_modules at the block module instead."
         )
-    slot = ParallelSlot(model.get_submodule(source), sink_module, source)
+
+
+def _parallel_slot(model: nn.Module, source: str, sink: str) -> ParallelSlot:
+    """The ParallelSlot on module `sink` (reading the input of `source`), created if needed.
+
+    The slot and its hooks go on the base modules, so a sink or source that is also an adapted layer keeps
+    its slot when that layer is unwrapped.
+    """
+    sink_module = _unwrapped(model.get_submodule(sink))
+    slot = getattr(sink_module, SLOT_ATTR, None)
+    if isinstance(slot, ParallelSlot):
+        return slot
+    slot = ParallelSlot(_unwrapped(model.get_submodule(source)), sink_module, source, same=source == sink)
     sink_module.add_module(SLOT_ATTR, slot)
     return slot
 
 
-def _drop_site(model: nn.Module, name: str, site: LilySite) -> None:
+def _drop_site(model: nn.Module, site: LilySite) -> None:
     """Take an adapter site with no adapters left off the model."""
     if isinstance(site, LilyLayer):
         _replace_module(model, site, site.base_layer)
     elif isinstance(site, ParallelSlot):
-        site.detach_hooks()
-        delattr(model.get_submodule(name.rpartition(".")[0]), SLOT_ATTR)
+        site.detach()
 
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -182,14 +202,14 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     adapter = get_adapter(model, name)
     if list(adapters) == [name]:
         return remove(model)
-    for layer_name, layer in list(lily_layers(model)):
+    for _, layer in list(lily_layers(model)):
         if name not in layer.adapters:
             continue
         if layer.merged == name:
             layer.unmerge()
         del layer.adapters[name]
         if not layer.adapters:
-            _drop_site(model, layer_name, layer)
+            _drop_site(model, layer)
     trainable = set(adapters.trainable_before)
     for module in adapter.trainable_modules:
         for n, param in model.get_submodule(module).named_parameters():
@@ -209,12 +229,12 @@ def remove(model: nn.Module, merge: bool = False) -> nn.Module:
     adapters = get_adapters(model)
     layers = list(lily_layers(model))
     if merge:
-        get_adapter(model).require_mergeable()
-    for layer_name, layer in layers:
+        require_mergeable(model)
+    for _, layer in layers:
         layer.unmerge()
         if merge:
             layer.merge()
-        _drop_site(model, layer_name, layer)
+        _drop_site(model, layer)
     for handle in adapters.hook_handles:
         handle.remove()
     delattr(model, ADAPTER_ATTR)

@@ -9,11 +9,14 @@ y     = base(x) + s * sum_e w_e (h B_e^T)     B_e: the target type's experts (sh
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lily.bank import LilyBank
+from lily.calls import attention_mask, capture_input, take_input
 from lily.errors import MergeError
 from lily.routing import apply_experts, expert_weights, make_router, mix_experts, require_mergeable
 
@@ -25,20 +28,9 @@ SLOT_ATTR = "lily_parallel"
 """The attribute of a parallel adapter's sink module that holds its `ParallelSlot`."""
 
 
-class RoutingContext:
-    """Per-call inputs the router needs but the layer is not given: the model's `attention_mask`.
-
-    Set by a forward pre-hook on the adapted model. It is kept after the call, so that activation
-    checkpointing recomputes each layer with the mask of the forward pass it replays.
-    """
-
-    def __init__(self) -> None:
-        self.attention_mask: torch.Tensor | None = None
-
-
 class LilyBranch(nn.Module):
-    """One named adapter's part of one adapted layer: its router, plus plain references to the adapter's shared
-    `bank` and the model's routing `context` (their owners are the model's `LilyAdapter` and `LilyAdapters`)."""
+    """One named adapter's part of one adapted layer: its router, plus a plain reference to the adapter's shared
+    `bank` (its owner is the model's `LilyAdapter`)."""
 
     def __init__(
         self,
@@ -47,7 +39,6 @@ class LilyBranch(nn.Module):
         routing: str,
         scaling: float,
         dropout: float,
-        context: RoutingContext,
         activation: str | None = None,
     ) -> None:
         super().__init__()
@@ -58,7 +49,6 @@ class LilyBranch(nn.Module):
         self.activation = ACTIVATIONS[activation]() if activation else nn.Identity()
         self.router = make_router(routing, bank.r, bank.num_B, device=bank.B.device, dtype=bank.B.dtype)
         object.__setattr__(self, "bank", bank)
-        object.__setattr__(self, "context", context)
 
     def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, experts): this layer's hidden h = dropout(x) A_g^T and the B experts, on x's device."""
@@ -74,7 +64,7 @@ class LilyBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The unscaled update sum_e w_e (h B_e^T) for input x."""
         h, experts = self.low_rank(x)
-        mask = self.context.attention_mask if self.routing == "sample" else None
+        mask = attention_mask() if self.routing == "sample" else None
         weights = expert_weights(self.routing, h, self.router, self.bank.num_B, mask)
         return apply_experts(self.routing, h, experts, weights)
 
@@ -173,19 +163,23 @@ class ParallelSlot(LilySite):
     """A parallel adapter on a block: reads the input of `source` and adds its update to the output of `sink`
     (the same module for a plain block), registered on the sink as `<sink>.lily_parallel`.
 
-    It works through forward hooks, so the base modules keep their names and classes: a pre-hook on the
-    source keeps its input, a hook on the sink adds the update to its output. With source != sink, a call
-    of the sink alone (without the source first) uses the input the source last saw.
+    It works through forward hooks, so the base modules keep their names and classes. For a plain block one
+    hook reads the block's input and adds to its output. With source != sink, a pre-hook on the source
+    keeps its input for the current thread (`lily.calls.capture_input`) until the sink's hook takes it; a
+    call of the sink alone, without the source first, gets no update.
     """
 
-    def __init__(self, source: nn.Module, sink: nn.Module, source_name: str) -> None:
+    def __init__(self, source: nn.Module, sink: nn.Module, source_name: str, same: bool) -> None:
         super().__init__()
         self.source = source_name
-        self.captured: torch.Tensor | None = None
-        self.handles = [
-            source.register_forward_pre_hook(CaptureInput(self), with_kwargs=True),
-            sink.register_forward_hook(AddUpdate(self)),
-        ]
+        object.__setattr__(self, "sink", sink)  # a plain reference: the sink owns the slot, not the other way
+        if same:
+            self.handles = [sink.register_forward_hook(self._add_from_args, with_kwargs=True)]
+        else:
+            self.handles = [
+                source.register_forward_pre_hook(self._capture, with_kwargs=True),
+                sink.register_forward_hook(self._add_captured),
+            ]
 
     def update(self, x: torch.Tensor) -> torch.Tensor | None:
         """s * (the active branch's output) for block input x, or None when no adapter runs here."""
@@ -194,41 +188,38 @@ class ParallelSlot(LilySite):
         branch = self.adapters[self.active]
         return branch(x) * branch.scaling
 
+    def _add(self, module: nn.Module, x: torch.Tensor | None, output: Any) -> torch.Tensor | None:
+        if x is None or self.active is None:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"a parallel adapter needs a tensor output, but {type(module).__name__} returned "
+                            f"{type(output).__name__}; choose a sink module that returns a tensor.")  # fmt: skip
+        update = self.update(x)
+        return output if update is None else output + update.to(output.dtype)
+
+    def _add_from_args(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
+        return self._add(module, block_input(args, kwargs), output)
+
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        capture_input(id(self), block_input(args, kwargs))
+
+    def _add_captured(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
+        return self._add(module, take_input(id(self)), output)
+
     def merge(self) -> None:
         if self.active is not None:  # another adapter may be active and mergeable: nothing runs here then
             raise MergeError("a parallel adapter is not a weight update (it has a nonlinearity); it cannot be merged.")
 
-    def detach_hooks(self) -> None:
+    def detach(self) -> None:
+        """Remove the hooks and take the slot off its sink."""
         for handle in self.handles:
             handle.remove()
-        self.captured = None
+        delattr(self.sink, SLOT_ATTR)
 
     def extra_repr(self) -> str:
         return f"source={self.source!r}, active={self.active!r}"
 
 
-class CaptureInput:
-    """Forward pre-hook: keep the block input (first positional argument, or `hidden_states`) for the slot."""
-
-    def __init__(self, slot: ParallelSlot) -> None:
-        self.slot = slot
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.slot.captured = args[0] if args else kwargs.get("hidden_states")
-
-
-class AddUpdate:
-    """Forward hook: add the slot's update to the sink's output."""
-
-    def __init__(self, slot: ParallelSlot) -> None:
-        self.slot = slot
-
-    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        slot = self.slot
-        if slot.captured is None:
-            return None
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"a parallel adapter needs a tensor output, but {type(module).__name__} returned "
-                            f"{type(output).__name__}; choose a sink module that returns a tensor.")  # fmt: skip
-        update = slot.update(slot.captured)
-        return output if update is None else output + update.to(output.dtype)
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A block's input: its first positional argument, or `hidden_states`."""
+    return args[0] if args else kwargs.get("hidden_states")

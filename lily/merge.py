@@ -6,6 +6,7 @@ from torch import nn
 
 from lily.adapter import get_adapter, get_adapters, lily_layers
 from lily.errors import MergeError
+from lily.layer import LilyLayer
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -16,10 +17,32 @@ def merge(model: nn.Module) -> nn.Module:
     adapters = get_adapters(model)
     if adapters.disabled:
         raise MergeError("adapters are disabled (inside lily.disable_adapters); merge after the block.")
-    get_adapter(model).require_mergeable()
+    require_mergeable(model)
     for _, layer in lily_layers(model):
         layer.merge()
     return model
+
+
+def require_mergeable(model: nn.Module) -> None:
+    """Raise MergeError unless the active adapter can be folded into base weights that belong to its layers alone.
+
+    A weight shared with another module (a language-model head tied to the input embeddings) would carry
+    the update into that module too, so it is refused.
+    """
+    get_adapter(model).require_mergeable()
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    for layer_name, layer in lily_layers(model):
+        if isinstance(layer, LilyLayer) and layer.active is not None:
+            names = owners[id(layer.base_layer.weight)]
+            if len(names) > 1:
+                others = [n for n in names if not n.startswith(layer_name + ".")]
+                raise MergeError(
+                    f"the weight of '{layer_name}' is shared with {others}; merging would change them too. Untie "
+                    "the weights (give the layer its own copy) or run the adapter unmerged."
+                )
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -142,3 +142,23 @@ def capture_layer_io(model: nn.Module, **inputs) -> list[tuple[object, torch.Ten
         for h in handles:
             h.remove()
     return records
+
+
+def model_state(model: nn.Module) -> tuple:
+    """Everything a failed lily call must leave unchanged: module tree and types, every tensor and its
+    requires_grad, hooks, and the adapters with the active one."""
+    modules = [(name, type(m).__name__) for name, m in model.named_modules(remove_duplicate=False)]
+    tensors = {name: (t.detach().clone(), t.requires_grad) for name, t in model.state_dict(keep_vars=True).items()}
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    adapters = getattr(model, "lily_adapters", None)
+    names = (list(adapters), adapters.active) if adapters is not None else None
+    return modules, tensors, hooks, names
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert after[0] == before[0], "module tree changed"
+    assert after[1].keys() == before[1].keys(), "tensors added or removed"
+    for name, (tensor, grad) in before[1].items():
+        assert torch.equal(after[1][name][0], tensor) and after[1][name][1] == grad, name
+    assert after[2] == before[2], "hooks changed"
+    assert after[3] == before[3], "adapters changed"

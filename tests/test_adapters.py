@@ -141,7 +141,7 @@ def test_trainable_modules_belong_to_one_adapter():
     assert model.classifier.weight.requires_grad
 
 
-@pytest.mark.parametrize("name", ["", "has.dot", "3d", "active", "context"])
+@pytest.mark.parametrize("name", ["", "has.dot", "3d", "active", "hook_handles"])
 def test_bad_adapter_names_are_refused(name):
     with pytest.raises(InjectionError, match="must be a Python identifier"):
         lily.inject(tiny_llama(), QV, name=name)

@@ -80,3 +80,18 @@ def test_data_dependent_routing_refuses_to_merge_and_says_why(routing):
         lily.remove(model, merge=True)
     assert all(torch.equal(layer.base_layer.weight, weights[n]) for n, layer in lily.lily_layers(model))
     assert hasattr(model, "lily_adapters")
+
+
+def test_merge_refuses_a_weight_tied_to_another_module():
+    torch.manual_seed(0)
+    model = BUILDERS["llama"]()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    lily.inject(model, lily.LilyConfig(target_modules=["lm_head"], r=4, num_A=1, routing="static"))
+    randomize_adapter(model)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    for call in (lily.merge, lambda m: lily.remove(m, merge=True)):
+        with pytest.raises(MergeError, match=r"weight of 'lm_head' is shared with \['model\.embed_tokens\.weight'\]"):
+            call(model)
+        assert torch.equal(model.model.embed_tokens.weight, embeddings)
+        assert model.lm_head.merged is None

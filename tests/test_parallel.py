@@ -9,7 +9,7 @@ import transformers
 
 import lily
 from lily import ConfigError, InjectionError, MergeError, TargetError
-from tests.helpers import model_inputs, randomize_adapter, tiny_bert, tiny_vit
+from tests.helpers import assert_same_state, model_inputs, model_state, randomize_adapter, tiny_bert, tiny_vit
 
 BERT_MLP = "intermediate>output.dense"  # BERT splits its MLP: read the input here, add there
 
@@ -164,3 +164,35 @@ def test_merging_another_adapter_skips_inactive_parallel_slots():
         before = model(**inputs).logits
         lily.merge(model)  # "linear" is active; the "blocks" slots do not run and are left alone
         torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=1e-5)
+
+
+def test_a_failing_inject_leaves_the_model_as_it_was():
+    model = tiny_bert()
+    before = model_state(model)
+    config = lily.LilyConfig(target_modules=["query"], parallel_modules=["encoder>encoder.layer"], num_A=1)
+    with pytest.raises(InjectionError, match="is a ModuleList"):
+        lily.inject(model, config)
+    assert_same_state(before, model_state(model))
+    lily.inject(model, lily.LilyConfig(target_modules=["query"], r=4), name="first")
+    before = model_state(model)
+    with pytest.raises(InjectionError, match="is a ModuleList"):
+        lily.inject(model, config, name="second")
+    assert_same_state(before, model_state(model))
+
+
+def test_a_module_both_adapted_and_a_parallel_sink_removes_cleanly():
+    torch.manual_seed(0)
+    model = tiny_bert()
+    reference = copy.deepcopy(model)
+    config = lily.LilyConfig(target_modules=["output.dense"], parallel_modules=["intermediate>output.dense"], r=4,
+                             routing="static")  # fmt: skip
+    lily.inject(model, config)
+    randomize_adapter(model)
+    inputs = model_inputs("bert")
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        assert not torch.allclose(adapted, reference(**inputs).logits)
+    lily.remove(model)
+    assert_same_state(model_state(reference), model_state(model))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference(**inputs).logits)

@@ -1,0 +1,141 @@
+"""Per-call inputs that adapted layers need but are not given, carried without shared mutable state.
+
+"sample" routing needs the model's `attention_mask`; a parallel adapter whose source and sink differ needs
+the input its source saw. Neither is stored on a module: each lives in thread-local state, which every
+thread sees separately (nested calls restore the outer call's state; `torch.compile` traces it without
+graph breaks):
+
+- `ModelCall` (a forward pre-hook and hook on the adapted model) opens one `ForwardCall` per model call,
+  holding that call's mask, and closes it when the call returns or raises.
+- Activation checkpointing replays a block during backward, after the call has closed. So when a call
+  builds an autograd graph and has a mask, its graph's nodes are tagged with the call
+  (`Node.metadata`); a replay finds its call through the node that the autograd engine is running.
+  Reentrant and non-reentrant checkpointing, several forwards before one backward, and threads then all
+  route with the mask of the forward being replayed.
+- A direct call of a submodule (outside any model call and any replay) has no mask: "sample" routing
+  then pools over every position.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+METADATA_KEY = "lily_forward_call"
+"""Key of `torch.autograd.graph.Node.metadata` under which a call's graph nodes record their call."""
+
+
+@dataclass(eq=False)
+class ForwardCall:
+    """One call of the adapted model: its 2-D `attention_mask` (None when not given)."""
+
+    attention_mask: torch.Tensor | None
+    outer: tuple[ForwardCall | None, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
+    """While the call runs: the thread's call and captured inputs before it, restored when it ends."""
+
+
+_LOCAL = threading.local()
+"""This thread's open call (`call`) and the block inputs its parallel adapters captured (`captured`)."""
+
+
+def _open_call() -> ForwardCall | None:
+    return getattr(_LOCAL, "call", None)
+
+
+def _captured() -> dict[int, torch.Tensor]:
+    return getattr(_LOCAL, "captured", None) or {}
+
+
+def current_call() -> ForwardCall | None:
+    """The model call the running forward belongs to: the open call of this thread, else (a checkpointed block
+    replayed in backward) the call that built the graph node being run, else None."""
+    call = _open_call()
+    if call is not None:
+        return call
+    node = torch._C._current_autograd_node()
+    return None if node is None else node.metadata.get(METADATA_KEY)
+
+
+def attention_mask() -> torch.Tensor | None:
+    """The attention mask of the current model call, if any (see `current_call`)."""
+    call = current_call()
+    return None if call is None else call.attention_mask
+
+
+def capture_input(key: int, x: torch.Tensor | None) -> None:
+    """Keep block input `x` for the parallel adapter `key` until its sink runs (this thread only)."""
+    _LOCAL.captured = {**_captured(), key: x}
+
+
+def take_input(key: int) -> torch.Tensor | None:
+    """The input captured for parallel adapter `key`, which is released (None if its source has not run)."""
+    captured = _captured()
+    if key not in captured:
+        return None
+    _LOCAL.captured = {k: v for k, v in captured.items() if k != key}
+    return captured[key]
+
+
+def _graph_roots(output: Any) -> Iterator[torch.autograd.graph.Node]:
+    """The autograd nodes of every tensor in a (nested) model output."""
+    if isinstance(output, torch.Tensor):
+        if output.grad_fn is not None:
+            yield output.grad_fn
+    elif isinstance(output, dict):  # includes transformers' ModelOutput
+        for value in output.values():
+            yield from _graph_roots(value)
+    elif isinstance(output, list | tuple):
+        for value in output:
+            yield from _graph_roots(value)
+
+
+def _tag_graph(output: Any, call: ForwardCall) -> None:
+    """Record `call` on every graph node the output depends on that no earlier call has claimed."""
+    stack = list(_graph_roots(output))
+    while stack:
+        node = stack.pop()
+        if node is None or METADATA_KEY in node.metadata:
+            continue
+        node.metadata[METADATA_KEY] = call
+        stack.extend(next_node for next_node, _ in node.next_functions)
+
+
+class ModelCall:
+    """The forward pre-hook (`open`) and hook (`close`) on the adapted model that delimit a `ForwardCall`.
+
+    Held by the model's hooks as bound methods, so `copy.deepcopy(model)` copies it with the model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        params = list(inspect.signature(model.forward).parameters.values())
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.position = positional.index("attention_mask") if "attention_mask" in positional else None
+
+    def open(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
+        call = ForwardCall(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
+        call.outer = _open_call(), _captured()
+        _LOCAL.call, _LOCAL.captured = call, {}
+
+    def close(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call = _open_call()
+        if call is None or call.outer is None:
+            return
+        # back to the outer state; inputs a source kept for a sink that never ran are released
+        (_LOCAL.call, _LOCAL.captured), call.outer = call.outer, None
+        if call.attention_mask is not None and torch.is_grad_enabled():
+            _tag_graph(output, call)
+
+    def register(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        return [
+            model.register_forward_pre_hook(self.open, with_kwargs=True),
+            model.register_forward_hook(self.close, with_kwargs=True, always_call=True),
+        ]

@@ -1,0 +1,158 @@
+"""Per-call state: every forward routes with its own mask and parallel input, under checkpointing, threads, several
+forwards before one backward, and direct submodule calls."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import lily
+from tests.helpers import randomize_adapter, tiny_bert
+
+PARALLEL = ["intermediate>output.dense"]
+
+
+def bert(parallel: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = tiny_bert(num_layers=3)
+    config = lily.LilyConfig(target_modules=["query", "value"], r=4, num_B=3, routing="sample",
+                             parallel_modules=PARALLEL if parallel else [], parallel_r=4)  # fmt: skip
+    lily.inject(model, config)
+    randomize_adapter(model, seed=seed)
+    return model
+
+
+def padded_batches(count: int, batch: int = 3, length: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Batches whose masks all differ (each example has its own padding)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(count):
+        ids = torch.randint(3, 64, (batch, length), generator=g)
+        mask = torch.ones_like(ids)
+        for row in range(batch):
+            mask[row, length - 1 - (i + row) % (length - 2) :] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def adapter_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.grad.clone() for k, p in lily.adapter_parameters(model).items()}
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_several_forwards_then_one_backward_with_checkpointing_gives_exact_gradients(reentrant, parallel):
+    batches = padded_batches(2)
+    labels = torch.tensor([0, 1, 2])
+    grads = []
+    for checkpointing in (False, True):
+        model = bert(parallel).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        losses = [model(**b, labels=labels).loss for b in batches]
+        sum(losses).backward()
+        grads.append(adapter_grads(model))
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_backward_after_a_later_inference_call_uses_the_training_mask():
+    """An inference forward between a training forward and its backward must not change the gradients."""
+    first, second = padded_batches(2)
+    labels = torch.tensor([0, 1, 2])
+    grads = []
+    for interleave in (False, True):
+        model = bert().train()
+        model.gradient_checkpointing_enable()
+        loss = model(**first, labels=labels).loss
+        if interleave:
+            with torch.no_grad():
+                model(**second)
+        loss.backward()
+        grads.append(adapter_grads(model))
+    for k in grads[0]:
+        assert torch.equal(grads[1][k], grads[0][k]), k
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_concurrent_inference_equals_sequential(parallel):
+    model = bert(parallel).eval()
+    batches = padded_batches(12)
+    with torch.no_grad():
+        expected = [model(**b).logits for b in batches]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+
+    def work(worker: int) -> None:
+        with torch.no_grad():
+            for repeat in range(10):
+                i = (worker * 5 + repeat) % len(batches)
+                results[worker, repeat] = (i, model(**batches[i]).logits)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 120
+    wrong = sum(not torch.equal(out, expected[i]) for i, out in results.values())
+    assert wrong == 0
+
+
+def test_direct_submodule_call_pools_over_every_position_not_the_last_mask():
+    model = bert().eval()
+    layer = model.bert.encoder.layer[0].attention.self.query
+    branch = layer.adapters["default"]
+    x = torch.randn(3, 8, 32)
+    with torch.no_grad():
+        model(**padded_batches(1)[0])  # a model call with padding must leave nothing behind
+        direct = layer(x)
+        h, experts = branch.low_rank(x)
+        weights = lily.routing.expert_weights("sample", h, branch.router, 3, mask=None)
+        unmasked = layer.base_layer(x) + branch.scaling * lily.routing.apply_experts("sample", h, experts, weights)
+    torch.testing.assert_close(direct, unmasked, rtol=0, atol=1e-6)
+
+
+def test_parallel_adapters_hold_no_activation_and_deepcopy_after_a_training_step():
+    model = bert(parallel=True).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = padded_batches(1)[0]
+    model(**batch, labels=torch.tensor([0, 1, 2])).loss.backward()
+    optimizer.step()
+    slots = [site for _, site in lily.lily_layers(model) if isinstance(site, lily.layer.ParallelSlot)]
+    assert slots and not any(isinstance(v, torch.Tensor) for s in slots for v in vars(s).values())
+    clone = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(clone(**batch).logits, model(**batch).logits)
+    clone_slot = clone.bert.encoder.layer[0].output.dense.lily_parallel
+    assert clone_slot.sink is clone.bert.encoder.layer[0].output.dense
+
+
+def test_a_parallel_sink_called_alone_gets_no_update():
+    model = bert(parallel=True).eval()
+    dense = model.bert.encoder.layer[0].output.dense
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        model(**padded_batches(1)[0])
+        assert torch.equal(dense(x), nn.functional.linear(x, dense.weight, dense.bias))
+
+
+@pytest.mark.parametrize("routing", ["sample", "token", "static"])
+def test_compiled_model_has_no_graph_break_and_routes_each_call_with_its_mask(routing):
+    import torch._dynamo
+
+    model = bert()
+    lily.inject(model, lily.LilyConfig(target_modules=["key"], r=4, routing=routing), name="other")
+    randomize_adapter(model)
+    model.eval()
+    batches = padded_batches(3)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**batches[0])
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        for batch in batches:
+            torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-6)
