@@ -30,7 +30,8 @@ def weights_bytes(model: torch.nn.Module, name: str, directory: Path) -> int:
         lily.save_adapter(model, directory)
     else:
         model.save_pretrained(directory)
-    return (directory / "adapter_model.safetensors").stat().st_size
+    weights = lily.io.WEIGHTS_NAME if name.startswith("lily-") else "adapter_model.safetensors"
+    return (directory / weights).stat().st_size
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ Also the adapter-level operations that need no injection: look-ups, parameters, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -71,8 +72,23 @@ class LilyAdapters(nn.ModuleDict):
         return x
 
 
+MODEL_INTEGRATIONS: list[Callable[[nn.Module, bool], None]] = []
+"""Called with (model, True) when a model gets its first adapter and (model, False) when it loses its last.
+Integrations with other libraries (`lily.pretrained` for transformers) register here, so that the core never
+imports them."""
+
+
+def original_module(model: nn.Module) -> nn.Module:
+    """The module a `torch.compile` handle wraps (otherwise `model` itself): lily's verbs act on it, so saving,
+    loading, injecting and merging through the handle see the original names."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # a compiled handle exists only once it is imported
+    if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        return model._orig_mod
+    return model
+
+
 def find_adapters(model: nn.Module) -> LilyAdapters | None:
-    adapters = getattr(model, ADAPTER_ATTR, None)
+    adapters = getattr(original_module(model), ADAPTER_ATTR, None)
     return adapters if isinstance(adapters, LilyAdapters) else None
 
 
@@ -104,7 +120,7 @@ def adapter_names(model: nn.Module) -> list[str]:
 def lily_layers(model: nn.Module) -> Iterator[tuple[str, LilySite]]:
     """(name, site) of every adapted layer (`LilyLayer`) and parallel adapter slot (`ParallelSlot`), in model
     order."""
-    for name, module in model.named_modules():
+    for name, module in original_module(model).named_modules():
         if isinstance(module, LilySite):
             yield name, module
 
@@ -137,6 +153,7 @@ def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, n
 def module_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
     """Parameters of the base modules named in the adapter's `LilyConfig.trainable_modules`, by their model names."""
     adapter = get_adapter(model, name)
+    model = original_module(model)
     return {
         f"{module}.{n}": param
         for module in adapter.trainable_modules

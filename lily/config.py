@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
+
+import regex
 
 from lily.errors import ConfigError
 from lily.layer import ACTIVATIONS
 from lily.routing import ROUTING_MODES
+
+MAX_RANK = 65536
+"""The largest `r` and `parallel_r` accepted: a bound that catches typos (and hostile configs) before allocation."""
+MAX_EXPERTS = 4096
+"""The largest `num_B` accepted."""
+MAX_GROUPS = 65536
+"""The largest `num_A` and `layers_per_A` accepted."""
 
 
 @dataclass
@@ -79,19 +88,14 @@ class LilyConfig:
 
     def __post_init__(self) -> None:
         self._check_targets()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ConfigError(f"LilyConfig.r must be a positive integer, got {self.r!r}.")
-        if isinstance(self.num_B, bool) or not isinstance(self.num_B, int) or self.num_B < 1:
-            raise ConfigError(f"LilyConfig.num_B must be an integer >= 1, got {self.num_B!r}.")
         if self.num_A is not None and self.layers_per_A is not None:
             raise ConfigError(
                 f"LilyConfig: give num_A (number of A groups) or layers_per_A (layers per A group), "
                 f"not both (got num_A={self.num_A}, layers_per_A={self.layers_per_A})."
             )
-        for name in ("num_A", "layers_per_A"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"LilyConfig.{name} must be an integer >= 1, got {value!r}.")
+        for name, bound in (("r", MAX_RANK), ("num_B", MAX_EXPERTS), ("num_A", MAX_GROUPS),
+                            ("layers_per_A", MAX_GROUPS), ("parallel_r", MAX_RANK)):  # fmt: skip
+            self._check_count(name, bound)
         if self.num_A is None and self.layers_per_A is None:
             self.num_A = 2
         if (
@@ -106,28 +110,42 @@ class LilyConfig:
                 f"LilyConfig.routing={self.routing!r} is not a routing mode; choose one of "
                 f"{', '.join(map(repr, ROUTING_MODES))} or None for the default."
             )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise ConfigError(f"LilyConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         self.dropout = float(self.dropout)
-        if isinstance(self.trainable_modules, str) or not all(isinstance(t, str) and t for t in self.trainable_modules):
-            raise ConfigError(
-                f"LilyConfig.trainable_modules must be a list of module-name suffixes, got {self.trainable_modules!r}."
-            )
-        self.trainable_modules = list(self.trainable_modules)
+        self._check_names("trainable_modules", "module-name suffixes")
         self._check_parallel()
+        if not self.target_modules and not self.parallel_modules:
+            raise ConfigError("LilyConfig.target_modules is empty and there are no parallel_modules: nothing to adapt.")
+
+    def _check_count(self, name: str, bound: int) -> None:
+        """Field `name` must be an integer in [1, bound]; None is allowed where the field's default is None."""
+        value = getattr(self, name)
+        if value is None and next(f for f in fields(self) if f.name == name).default is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"LilyConfig.{name} must be an integer >= 1, got {value!r}.")
+        if value > bound:
+            raise ConfigError(
+                f"LilyConfig.{name}={value} is above {bound}, the most lily accepts; this looks like a typo."
+            )
+
+    def _check_names(self, name: str, what: str) -> None:
+        """Field `name` must be a list (or tuple, or set) of non-empty strings; it is stored as a list."""
+        value = getattr(self, name)
+        if not isinstance(value, list | tuple | set | frozenset) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"LilyConfig.{name} must be a list of {what}, got {value!r}.")
+        setattr(self, name, sorted(value) if isinstance(value, set | frozenset) else list(value))
 
     def _check_parallel(self) -> None:
-        entries = self.parallel_modules
-        if isinstance(entries, str) or not all(isinstance(e, str) and e for e in entries):
-            raise ConfigError(f"LilyConfig.parallel_modules must be a list of module names, got {entries!r}.")
-        self.parallel_modules = list(entries)
+        self._check_names("parallel_modules", "module names")
         for entry in self.parallel_modules:
             if entry.count(">") > 1 or not all(entry.split(">")):
                 raise ConfigError(f"LilyConfig.parallel_modules entry {entry!r} must be 'block' or 'source>sink'.")
-        if self.parallel_r is not None and (
-            isinstance(self.parallel_r, bool) or not isinstance(self.parallel_r, int) or self.parallel_r < 1
-        ):
-            raise ConfigError(f"LilyConfig.parallel_r must be a positive integer or None, got {self.parallel_r!r}.")
         if self.parallel_activation not in (None, *ACTIVATIONS):
             raise ConfigError(
                 f"LilyConfig.parallel_activation={self.parallel_activation!r}: choose one of "
@@ -138,22 +156,18 @@ class LilyConfig:
 
     def _check_targets(self) -> None:
         targets = self.target_modules
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as exc:
-                raise ConfigError(f"LilyConfig.target_modules={targets!r} is not a valid regex: {exc}.") from exc
-            return
-        if isinstance(targets, tuple | set | frozenset):
-            targets = sorted(targets) if isinstance(targets, set | frozenset) else list(targets)
-            self.target_modules = targets
-        if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        if not isinstance(targets, str):
+            self._check_names("target_modules", "module-name suffixes or one regex string")
+        elif not targets:
             raise ConfigError(
-                "LilyConfig.target_modules must be a list of module-name suffixes or one regex string, got "
-                f"{self.target_modules!r}."
+                "LilyConfig.target_modules is an empty regex, which matches no module; give a pattern or a list of "
+                "module-name suffixes."
             )
-        if not targets and not self.parallel_modules:
-            raise ConfigError("LilyConfig.target_modules is empty and there are no parallel_modules: nothing to adapt.")
+        else:
+            try:
+                regex.compile(targets)
+            except regex.error as exc:
+                raise ConfigError(f"LilyConfig.target_modules={targets!r} is not a valid regex: {exc}.") from exc
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form of the config."""
@@ -161,9 +175,26 @@ class LilyConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LilyConfig:
-        """Rebuild a config from `to_dict` output; unknown keys are an error."""
+        """Rebuild a config from `to_dict` output; unknown or missing fields are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a LilyConfig must be given as a mapping of fields, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"LilyConfig has no field(s) {unknown}; known fields: {sorted(known)}.")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in missing if name not in data]
+        if missing:
+            raise ConfigError(f"LilyConfig lacks the required field(s) {missing}.")
         return cls(**data)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> LilyConfig:
+        """The config of the adapter saved in directory `path` by `lily.save_adapter` (format 1 or 2).
+
+        Example:
+            >>> cfg = LilyConfig.from_pretrained("out/adapter")
+        """
+        from lily.io import read_adapter  # lily.io imports this module
+
+        return read_adapter(path).config

@@ -9,12 +9,14 @@ from torch import nn
 
 from lily.adapter import (
     ADAPTER_ATTR,
+    MODEL_INTEGRATIONS,
     LilyAdapter,
     LilyAdapters,
     find_adapters,
     get_adapter,
     get_adapters,
     lily_layers,
+    original_module,
     set_adapter,
 )
 from lily.bank import LilyBank
@@ -98,6 +100,7 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
     """
     if not isinstance(config, LilyConfig):
         raise InjectionError(f"lily.inject expects a LilyConfig, got {type(config).__name__}.")
+    given, model = model, original_module(model)
     adapters = find_adapters(model)
     _check_name(adapters, name)
     if adapters is None and any(True for _ in lily_layers(model)):
@@ -130,6 +133,8 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
             param.requires_grad_(False)
         model.add_module(ADAPTER_ATTR, adapters)
         adapters.hook_handles = ModelCall(model).register(model)
+        for integrate in MODEL_INTEGRATIONS:
+            integrate(model, True)
     for t, i, branch in sites:
         if t.placement == "parallel":
             site: LilySite = _parallel_slot(model, t.sources[i], t.module_names[i])
@@ -137,7 +142,8 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
             site = _layer(model, t.module_names[i])
         site.adapters[name] = branch
     adapters[name] = adapter
-    return set_adapter(model, name)
+    set_adapter(model, name)
+    return given
 
 
 def _layer(model: nn.Module, name: str) -> LilyLayer:
@@ -198,10 +204,11 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     adapter remains and `name` was active, the first remaining one becomes active. Deleting the last
     adapter is `lily.remove(model)`.
     """
+    given, model = model, original_module(model)
     adapters = get_adapters(model)
     adapter = get_adapter(model, name)
     if list(adapters) == [name]:
-        return remove(model)
+        return remove(given)
     for _, layer in list(lily_layers(model)):
         if name not in layer.adapters:
             continue
@@ -215,7 +222,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         for n, param in model.get_submodule(module).named_parameters():
             param.requires_grad_(f"{module}.{n}" in trainable)
     del adapters[name]
-    return set_adapter(model, adapters.active if adapters.active != name else next(iter(adapters)))
+    set_adapter(model, adapters.active if adapters.active != name else next(iter(adapters)))
+    return given
 
 
 def remove(model: nn.Module, merge: bool = False) -> nn.Module:
@@ -226,6 +234,7 @@ def remove(model: nn.Module, merge: bool = False) -> nn.Module:
     active adapter's update is folded into the base weights for good (input-independent routing only),
     like PEFT's `merge_and_unload`; other adapters are dropped.
     """
+    given, model = model, original_module(model)
     adapters = get_adapters(model)
     layers = list(lily_layers(model))
     if merge:
@@ -238,7 +247,9 @@ def remove(model: nn.Module, merge: bool = False) -> nn.Module:
     for handle in adapters.hook_handles:
         handle.remove()
     delattr(model, ADAPTER_ATTR)
+    for integrate in MODEL_INTEGRATIONS:
+        integrate(model, False)
     trainable = set(adapters.trainable_before)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
-    return model
+    return given

@@ -14,18 +14,31 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lily.adapter import branches, get_adapter, module_parameters
+from lily.adapter import FILE_PREFIX, branches, get_adapter, module_parameters, saved_parameters
 from lily.config import LilyConfig
-from lily.errors import CheckpointError
-from lily.io import CONFIG_NAME, WEIGHTS_NAME, atomic_writes, inject_then_load, read_adapter_tensors
-from lily.plan import TargetType
+from lily.errors import CheckpointError, LilyError
+from lily.io import (
+    base_model_id,
+    check_free_name,
+    check_shapes,
+    copy_tensors,
+    expected_tensors,
+    inject_then_load,
+    read_safetensors,
+    write_files,
+)
+from lily.plan import TargetType, base_modules
 
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+"""PEFT's file names (lily's own adapters use `lily.io.CONFIG_NAME` and `WEIGHTS_NAME`)."""
 PREFIX = "base_model.model."
 UNSUPPORTED_PEFT_FIELDS = ("exclude_modules", "layers_to_transform", "layers_pattern")
+REQUIRED_PEFT_FIELDS = ("target_modules", "r", "stride_A", "num_B", "scaling")
 
 
 Layout = list[tuple[str, int, int]]
@@ -71,8 +84,10 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
     loadable with `peft.PeftModel.from_pretrained(base_model, path)`.
 
     Raises CheckpointError naming the feature when the adapter is not expressible in PEFT's Lily: routing
-    other than "batch", Conv1D layers, A groups that are not runs of one fixed length, or sharing that PEFT
-    would key differently. Dropout has no PEFT field; it is dropped with a warning (inference is unchanged).
+    other than "batch", num_B=1 (PEFT refuses it), Conv1D layers, A groups that are not runs of one fixed
+    length, a layer name that ends with two target suffixes (PEFT's choice would depend on the hash seed), or
+    sharing that PEFT would key differently. The files are written all-or-nothing. Dropout has no PEFT field;
+    it is dropped with a warning (inference is unchanged).
     """
     adapter = get_adapter(model, name)
     cfg = adapter.config
@@ -86,12 +101,25 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
         raise CheckpointError(
             f"to_peft: PEFT's Lily has no parallel adapters; adapter {adapter.name!r} has {parallel}."
         )
+    if cfg.num_B < 2:
+        raise CheckpointError(
+            f"to_peft: PEFT's Lily refuses num_B={cfg.num_B} (\"`num_B` must be at least 2 for the router to be "
+            'trained"); train with LilyConfig(num_B=2) or more to export.'
+        )
     layers = dict(branches(model, adapter.name))
     named = dict(model.named_modules())
     conv = [n for n in layers if named[n].kind != "linear"]
     if conv:
         raise CheckpointError(f"to_peft: PEFT's Lily adapts only nn.Linear; '{conv[0]}' is a transformers Conv1D.")
     order = list(layers)
+    for layer_name in order if isinstance(cfg.target_modules, list) else ():
+        hits = [s for s in cfg.target_modules if layer_name.endswith(s)]
+        if len(hits) > 1:
+            raise CheckpointError(
+                f"to_peft: PEFT's Lily shares by the target that a module name ends with as a plain string, taken "
+                f"from a set: '{layer_name}' ends with each of {hits}, so PEFT's sharing would depend on "
+                "PYTHONHASHSEED. Use target suffixes none of which ends another (e.g. 'SelfAttention.o' for 'o')."
+            )
     candidates = sorted({t.group_sizes()[0] for t in adapter.plan if t.num_A > 1}) or [
         max(t.num_layers for t in adapter.plan)
     ]
@@ -118,74 +146,104 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
     for param_name, param in module_parameters(model, adapter.name).items():
         tensors[PREFIX + param_name] = param.detach()
     tensors = {k: v.to("cpu").clone().contiguous() for k, v in tensors.items()}  # one storage per key
+    base, revision = base_model_id(model)
     config = {
         "peft_type": "LILY", "task_type": None, "inference_mode": True, "auto_mapping": None,
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "revision": None, "r": cfg.r, "stride_A": stride, "num_B": cfg.num_B, "scaling": cfg.scaling,
+        "base_model_name_or_path": base, "revision": revision, "r": cfg.r, "stride_A": stride, "num_B": cfg.num_B,
+        "scaling": cfg.scaling,
         "target_modules": cfg.target_modules, "exclude_modules": None,
         "modules_to_save": list(cfg.trainable_modules) or None, "layers_to_transform": None,
         "layers_pattern": None, "init_weights": True,
     }  # fmt: skip
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_writes(directory, {
-        WEIGHTS_NAME: lambda temp: save_file(tensors, temp, metadata={"format": "pt"}),
-        CONFIG_NAME: lambda temp: Path(temp).write_text(json.dumps(config, indent=2) + "\n"),
+    write_files(Path(path), {
+        PEFT_WEIGHTS_NAME: safetensors.torch.save(tensors, metadata={"format": "pt"}),
+        PEFT_CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode(),
     })  # fmt: skip
 
 
 def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The `adapter_config.json` of a PEFT Lily checkpoint, checked for the fields lily can express."""
-    file = Path(path) / CONFIG_NAME
+    """The `adapter_config.json` of a PEFT Lily checkpoint, checked for the fields lily needs and can express."""
+    file = Path(path) / PEFT_CONFIG_NAME
     try:
-        meta = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        meta = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"cannot read a PEFT config at '{file}': {exc}") from exc
     if not isinstance(meta, dict) or meta.get("peft_type") != "LILY":
         kind = meta.get("peft_type") if isinstance(meta, dict) else None
         raise CheckpointError(f"'{file}' is not a PEFT Lily checkpoint (peft_type={kind!r}, expected 'LILY').")
+    missing = [field for field in REQUIRED_PEFT_FIELDS if field not in meta]
+    if missing:
+        raise CheckpointError(f"from_peft: '{file}' lacks the field(s) {missing} of a PEFT Lily config.")
     for field in UNSUPPORTED_PEFT_FIELDS:
         if meta.get(field) not in (None, [], ""):
             raise CheckpointError(f"from_peft: the PEFT Lily option {field}={meta[field]!r} is not supported by lily.")
+    saved = meta.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved)):
+        raise CheckpointError(f"from_peft: '{file}' has modules_to_save={saved!r}; expected a list of names or null.")
     return meta
+
+
+def _modules_to_save(model: nn.Module, suffixes: list[str]) -> list[str]:
+    """The outermost modules PEFT's `modules_to_save` selects: names ending with an entry (as a plain string, as
+    PEFT matches them). Entries that select nothing are ignored, as PEFT does (it adds 'classifier' and
+    'score' to every sequence classifier)."""
+    names = [n for n, _ in base_modules(model) if n and any(n.endswith(s) for s in suffixes)]
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
 def from_peft(path: str | os.PathLike, model: nn.Module, name: str = "default") -> nn.Module:
     """Import the PEFT Lily checkpoint in directory `path` onto base `model` as adapter `name` ("batch" routing,
-    PEFT's `stride_A` as `layers_per_A`), keeping one copy of each shared tensor; returns `model`.
+    PEFT's `stride_A` as `layers_per_A`, `modules_to_save` as `trainable_modules`), keeping one copy of each
+    shared tensor; returns `model`.
 
-    Every per-layer copy of a shared A or B in the file must be identical; a checkpoint whose sharing lily
-    cannot express, or whose tensors do not fit, raises CheckpointError and leaves the model as it was.
+    Everything is checked before the model is touched: every per-layer copy of a shared A or B in the file must
+    be identical, and every tensor must be a Lily tensor of an adapted layer or belong to a `modules_to_save`
+    module. A checkpoint whose sharing lily cannot express, or whose tensors do not fit, raises CheckpointError
+    and leaves the model as it was.
     """
+    where = str(path)
     meta = read_peft_config(path)
-    tensors = read_adapter_tensors(path)
-    lily_keys = (".lily_A.weight", ".lily_B.weight", ".lily_router.weight")
+    tensors = read_safetensors(Path(path) / PEFT_WEIGHTS_NAME)
+    check_free_name(model, name, where)
     stray = [k for k in tensors if not k.startswith(PREFIX)]
     if stray:
         raise CheckpointError(f"from_peft: '{stray[0]}' in '{path}' is not a PEFT model key ('{PREFIX}...').")
-    modules = sorted({k[len(PREFIX) :].rsplit(".", 1)[0] for k in tensors if not k.endswith(lily_keys)})
-    config = LilyConfig(
-        target_modules=meta["target_modules"], r=meta["r"], layers_per_A=meta["stride_A"], num_B=meta["num_B"],
-        scaling=meta["scaling"], routing="batch", trainable_modules=modules,
-    )  # fmt: skip
-    inject_then_load(model, config, name, lambda: _load_peft_tensors(model, name, tensors, meta, str(path)), str(path))
-    return model
-
-
-def _load_peft_tensors(
-    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str
-) -> None:
-    adapter = get_adapter(model, name)
-    layers = dict(branches(model, name))
-    if not _expressible(adapter.plan, list(layers), meta["target_modules"], meta["stride_A"]):
+    try:
+        config = LilyConfig(
+            target_modules=meta["target_modules"], r=meta["r"], layers_per_A=meta["stride_A"], num_B=meta["num_B"],
+            scaling=meta["scaling"], routing="batch",
+            trainable_modules=_modules_to_save(model, meta.get("modules_to_save") or []),
+        )  # fmt: skip
+    except LilyError as exc:
+        raise CheckpointError(f"from_peft: the PEFT config at '{where}' is invalid: {exc}") from exc
+    plan, expected = expected_tensors(model, config, where)
+    adapted = {n for t in plan for n in t.module_names}
+    order = [n for n, _ in base_modules(model) if n in adapted]
+    if not _expressible(plan, order, meta["target_modules"], meta["stride_A"]):
         raise CheckpointError(
             f"from_peft: the checkpoint at '{where}' shares A/B by target_modules={meta['target_modules']!r} and "
             "shape across modules that lily keeps apart (a regex spanning several projections); not expressible."
         )
+    values = _lily_tensors(plan, config, tensors, where)
+    check_shapes(expected, {k: tuple(v.shape) for k, v in values.items()}, where)
+    inject_then_load(model, config, name, lambda: copy_tensors(saved_parameters(model, name), values, where), where)
+    return model
+
+
+def _lily_tensors(
+    plan: list[TargetType], config: LilyConfig, tensors: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
+    """The PEFT checkpoint's tensors under lily's adapter-file names, one copy of each shared tensor.
+
+    Raises CheckpointError for a missing tensor, per-layer copies of a shared tensor that differ, and tensors
+    that are neither Lily tensors of an adapted layer nor parameters of a `modules_to_save` module.
+    """
+    used: set[str] = set()
 
     def tensor(key: str) -> torch.Tensor:
         if PREFIX + key not in tensors:
             raise CheckpointError(f"from_peft: tensor '{PREFIX + key}' is missing from the checkpoint at '{where}'.")
+        used.add(PREFIX + key)
         return tensors[PREFIX + key]
 
     def shared(keys: list[str]) -> torch.Tensor:
@@ -198,25 +256,26 @@ def _load_peft_tensors(
                 )
         return first
 
-    loaded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for t in adapter.plan:
-        bank = adapter.banks[t.key]
+    values: dict[str, torch.Tensor] = {}
+    for t in plan:
         for g in range(t.num_A):
             members = [n for n, group in zip(t.module_names, t.groups, strict=True) if group == g]
-            loaded[f"banks.{t.key}.A.{g}"] = (bank.A[g], shared([f"{n}.lily_A.weight" for n in members]))
+            values[f"{FILE_PREFIX}.banks.{t.key}.A.{g}"] = shared([f"{n}.lily_A.weight" for n in members])
         b = shared([f"{n}.lily_B.weight" for n in t.module_names])
-        if b.shape != (bank.num_B * bank.r, bank.out_features):
+        if tuple(b.shape) != (config.num_B * t.r, t.out_features):
             raise CheckpointError(f"from_peft: B of '{t.key}' has shape {tuple(b.shape)} in '{where}', expected "
-                                  f"{(bank.num_B * bank.r, bank.out_features)}.")  # fmt: skip
-        loaded[f"banks.{t.key}.B"] = (bank.B, b.reshape(bank.num_B, bank.r, bank.out_features).transpose(1, 2))
-    for layer_name, branch in layers.items():
-        loaded[layer_name] = (branch.router, tensor(f"{layer_name}.lily_router.weight"))
-    for param_name, param in module_parameters(model, name).items():
-        loaded[param_name] = (param, tensor(param_name))
-    for key, (param, value) in loaded.items():
-        if tuple(param.shape) != tuple(value.shape):
-            raise CheckpointError(f"from_peft: '{key}' has shape {tuple(value.shape)} in '{where}' but "
-                                  f"{tuple(param.shape)} in the model.")  # fmt: skip
-    with torch.no_grad():
-        for param, value in loaded.values():
-            param.copy_(value)
+                                  f"{(config.num_B * t.r, t.out_features)}.")  # fmt: skip
+        values[f"{FILE_PREFIX}.banks.{t.key}.B"] = b.reshape(config.num_B, t.r, t.out_features).transpose(1, 2)
+        for layer_name in t.module_names:
+            values[f"{layer_name}.router"] = tensor(f"{layer_name}.lily_router.weight")
+    for module in config.trainable_modules:
+        for key in tensors:
+            if key.startswith(f"{PREFIX}{module}."):
+                values[key[len(PREFIX) :]] = tensor(key[len(PREFIX) :])
+    unused = sorted(tensors.keys() - used)
+    if unused:
+        raise CheckpointError(
+            f"from_peft: '{unused[0]}' in '{where}' is neither a Lily tensor of an adapted layer nor a parameter of a "
+            f"modules_to_save module ({config.trainable_modules}); the checkpoint does not fit this model."
+        )
+    return values

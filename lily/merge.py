@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lily.adapter import get_adapter, get_adapters, lily_layers
+from lily.adapter import get_adapter, get_adapters, lily_layers, original_module
 from lily.errors import MergeError
 from lily.layer import LilyLayer
 
@@ -31,7 +31,7 @@ def require_mergeable(model: nn.Module) -> None:
     """
     get_adapter(model).require_mergeable()
     owners: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules():
+    for module_name, module in original_module(model).named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
     for layer_name, layer in lily_layers(model):

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import regex
 from torch import nn
 
 from lily.config import LilyConfig
@@ -20,6 +22,10 @@ from lily.layer import LilyLayer
 
 ADAPTER_ATTR = "lily_adapters"
 """The attribute of the model root that holds its adapters (`lily.adapter.LilyAdapters`)."""
+
+REGEX_BUDGET_S = 2.0
+"""Seconds all matches of a `target_modules` regex against one model's module names may take together: a
+pattern from an untrusted config can backtrack for hours."""
 
 
 @dataclass(frozen=True)
@@ -119,11 +125,25 @@ def longest_suffix(name: str, suffixes: list[str]) -> str | None:
     return max(hits, key=len) if hits else None
 
 
-def _matched_target(name: str, config: LilyConfig) -> str | None:
+def _target_matcher(config: LilyConfig) -> Callable[[str], str | None]:
+    """name -> the target name it matched (or None). A regex gets REGEX_BUDGET_S seconds for all its matches."""
     targets = config.target_modules
-    if isinstance(targets, str):
-        return index_free_name(name) if re.fullmatch(targets, name) else None
-    return longest_suffix(name, targets)
+    if not isinstance(targets, str):
+        return lambda name: longest_suffix(name, targets)
+    pattern = regex.compile(targets)
+    deadline = time.monotonic() + REGEX_BUDGET_S
+
+    def match(name: str) -> str | None:
+        try:
+            hit = pattern.fullmatch(name, timeout=max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise ConfigError(
+                f"LilyConfig.target_modules regex {targets!r} took too long (over {REGEX_BUDGET_S} s) to match the "
+                "module names; it backtracks catastrophically. Use a simpler pattern or a list of suffixes."
+            ) from None
+        return index_free_name(name) if hit else None
+
+    return match
 
 
 def plan_trainable_modules(model: nn.Module, config: LilyConfig, targets: list[TargetType]) -> list[str]:
@@ -193,10 +213,11 @@ def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
     """Find every module `config.target_modules` and `config.parallel_modules` select and group them into
     target types (layer types first, then parallel ones)."""
     found: dict[tuple[str, int, int], list[str]] = {}
+    matched_target = _target_matcher(config)
     for name, module in base_modules(model):
         if not name:
             continue
-        target = _matched_target(name, config)
+        target = matched_target(name)
         if target is None:
             continue
         kind = check_adaptable(name, module)

@@ -45,3 +45,31 @@ def test_defaults_and_round_trip():
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ConfigError, match="stride_A"):
         LilyConfig.from_dict({"target_modules": ["q"], "stride_A": 2})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": 65537}, "r=65537 is above 65536"),
+        ({"num_B": 4097}, "num_B=4097 is above 4096"),
+        ({"num_A": 65537}, "num_A=65537 is above 65536"),
+        ({"layers_per_A": 100000}, "layers_per_A=100000 is above 65536"),
+        ({"parallel_modules": ["mlp"], "parallel_r": 70000}, "parallel_r=70000 is above 65536"),
+        ({"trainable_modules": None}, "trainable_modules must be a list"),
+        ({"trainable_modules": ["classifier", None]}, "trainable_modules must be a list"),
+        ({"parallel_modules": None}, "parallel_modules must be a list"),
+        ({"target_modules": {"q_proj", None}}, "target_modules must be a list"),
+        ({"target_modules": ""}, "target_modules is an empty regex"),
+        ({"dropout": False}, "dropout"),
+    ],
+)
+def test_typos_and_wrong_types_raise_a_named_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LilyConfig(**{"target_modules": ["q_proj"], **kwargs})
+
+
+def test_from_dict_names_missing_fields_and_refuses_non_mappings():
+    with pytest.raises(ConfigError, match=r"lacks the required field\(s\) \['target_modules'\]"):
+        LilyConfig.from_dict({"r": 4})
+    with pytest.raises(ConfigError, match="mapping of fields, got list"):
+        LilyConfig.from_dict(["q_proj"])

@@ -169,7 +169,7 @@ def test_cola_recipe_runs_end_to_end_and_reports_mcc(tiny_roberta_dir, cola_dir,
     assert metrics["data"] == {"train": 32, "validation": 0, "test": 12}
     assert len(metrics["history"]) == 3 and -1 <= metrics["test"] <= 1
     assert metrics["test"] == pytest.approx(metrics["best_val"])  # dev is both: the best epoch's dev score
-    adapter = json.loads((tmp_path / "cola" / "adapter" / "adapter_config.json").read_text())["config"]
+    adapter = json.loads((tmp_path / "cola" / "adapter" / "lily_config.json").read_text())["config"]
     assert adapter["target_modules"] == ["query", "value"] and adapter["num_A"] == 4 and adapter["scaling"] == 0.01
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "cola")]) == 0

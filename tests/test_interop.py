@@ -6,6 +6,7 @@ import json
 import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import lily
@@ -109,3 +110,47 @@ def test_import_refuses_unshared_copies_and_other_methods(tmp_path):
     peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"not a PEFT Lily checkpoint \(peft_type='LORA'"):
         lily.from_peft(tmp_path, copy.deepcopy(base))
+
+
+def test_import_names_a_missing_config_field(tmp_path):
+    base, theirs = peft_lily("llama")
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["stride_A"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = copy.deepcopy(base)
+    with pytest.raises(CheckpointError, match=r"lacks the field\(s\) \['stride_A'\]"):
+        lily.from_peft(tmp_path, model)
+    assert not hasattr(model, "lily_adapters")
+
+
+def test_import_trains_modules_to_save_and_refuses_other_tensors(tmp_path):
+    base, theirs = peft_lily("bert")
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["classifier", "score"]  # what PEFT writes for sequence classifiers; BERT has no score
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    ours = lily.from_peft(tmp_path, copy.deepcopy(base))
+    assert lily.get_adapter(ours).trainable_modules == ["classifier"]
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.bert.pooler.dense.weight"] = torch.zeros(32, 32)  # not under modules_to_save
+    save_file(tensors, file)
+    model = copy.deepcopy(base)
+    with pytest.raises(CheckpointError, match=r"'base_model.model.bert.pooler.dense.weight' .* is neither a Lily"):
+        lily.from_peft(tmp_path, model)
+    assert not hasattr(model, "lily_adapters")
+
+
+def test_export_refuses_one_expert_and_suffixes_peft_would_match_ambiguously(tmp_path):
+    with pytest.raises(ValueError, match="`num_B` must be at least 2"):
+        peft.LilyConfig(r=4, num_B=1, target_modules=["q_proj"])
+    model = lily.inject(tiny_llama(), lily.LilyConfig(target_modules=["q_proj"], r=4, num_B=1, routing="batch"))
+    with pytest.raises(CheckpointError, match=r"num_B=1 .*`num_B` must be at least 2"):
+        lily.to_peft(model, tmp_path)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0))  # fmt: skip
+    lily.inject(t5, lily.LilyConfig(target_modules=["o", "wo"], r=4, layers_per_A=2, routing="batch"))
+    with pytest.raises(CheckpointError, match=r"DenseReluDense.wo' ends with each of \['o', 'wo'\].*PYTHONHASHSEED"):
+        lily.to_peft(t5, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -1,5 +1,7 @@
 """Target discovery, target types and A-group splitting."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -116,3 +118,13 @@ def test_index_free_name():
     assert index_free_name("model.layers.3.self_attn.q_proj") == "model.layers.self_attn.q_proj"
     assert index_free_name("down.0.attn.to_out.0") == "down.attn.to_out"
     assert index_free_name("2.0") == "layer"
+
+
+def test_a_backtracking_regex_is_cut_off_with_a_named_error(monkeypatch):
+    monkeypatch.setattr("lily.plan.REGEX_BUDGET_S", 0.3)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"regex '\(\.\|\\\\w\)\*\[xyz\]' took too long"):
+        lily.inject(tiny_llama(), lily.LilyConfig(target_modules=r"(.|\w)*[xyz]"))
+    with pytest.raises(TargetError, match="matched no module"):  # exponential for `re`: minutes
+        lily.inject(tiny_llama(), lily.LilyConfig(target_modules=r"(\w+\.?)*zz"))
+    assert time.monotonic() - start < 10

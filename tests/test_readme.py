@@ -22,7 +22,7 @@ def test_three_line_usage_runs_on_a_model(capsys):
 def test_complete_script_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(python_blocks()[1], "README script", "exec"), {})
-    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "adapter" / "lily_adapter.safetensors").is_file()
 
 
 def test_benchmark_commands_name_importable_modules():
@@ -39,4 +39,4 @@ def test_several_adapters_example_runs(tmp_path, monkeypatch, capsys):
     block = next(b for b in python_blocks() if "set_adapter" in b)
     exec(compile(block, "README adapters", "exec"), {})
     assert "['chat', 'code'] code" in capsys.readouterr().out
-    assert (tmp_path / "out" / "code" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "code" / "lily_config.json").is_file()

@@ -84,7 +84,7 @@ def test_vtab_recipe_runs_end_to_end(tiny_vit_dir, vtab_folder, tmp_path):
     ]
     assert [h["val_metric"] is not None for h in metrics["history"]] == [False, True, False, True]
     assert metrics["test"] == pytest.approx(metrics["best_val"])  # the best test accuracy over the evaluations
-    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]
+    adapter = json.loads((out / "adapter" / "lily_config.json").read_text())["config"]
     assert adapter["target_modules"] in (["k_proj", "v_proj"], ["key", "value"])  # whichever the model has
     assert adapter["parallel_modules"] == ["mlp"] and adapter["parallel_r"] == 8
 

@@ -33,7 +33,7 @@ def test_text_classification_end_to_end(tiny_bert_dir, text_csv, tmp_path, capsy
     assert 0 <= metrics["test"] <= 1 and metrics["test_before"] is not None
     assert metrics["parameters"]["adapter"] == metrics["parameters"]["lily_budget"]
     assert metrics["parameters"]["head"] == 32 * 3 + 3
-    for name in ("run.json", "metrics.json", "plot.png", "adapter/adapter_config.json", "checkpoint/state.pt"):
+    for name in ("run.json", "metrics.json", "plot.png", "adapter/lily_config.json", "checkpoint/current.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
     assert main(["eval", str(out)]) == 0
@@ -66,7 +66,7 @@ def test_causal_lm_end_to_end(tiny_llama_dir, chat_jsonl, tmp_path, capsys):
     metrics = train(cfg, log=quiet)
     assert metrics["metric"] == "perplexity" and not metrics["higher_is_better"]
     assert metrics["test"] < metrics["test_before"]  # learning the three canned replies is easy
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["config"]["routing"] == "token"
+    assert json.loads((out / "adapter" / "lily_config.json").read_text())["config"]["routing"] == "token"
     assert main(["predict", str(out), "hello there"]) == 0
     assert capsys.readouterr().out.startswith("hello there\t")
 
@@ -77,7 +77,7 @@ def test_image_classification_end_to_end(tiny_vit_dir, image_folder, tmp_path, c
     cfg = TrainConfig(task="image-cls", model=tiny_vit_dir, data=image_folder, output_dir=str(out), image_size=16,
                       lr=1e-2, parallel_modules=["mlp"], **SMALL)  # fmt: skip
     metrics = train(cfg, log=quiet)
-    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    saved = load_file(out / "adapter" / "lily_adapter.safetensors")
     assert sum(".mlp.lily_parallel.router" in k for k in saved) == 2  # one router per block
     assert metrics["parameters"]["adapter"] == metrics["parameters"]["lily_budget"]  # parallel part counted
     assert metrics["labels"] == ["circle", "square", "stripe"]
@@ -114,7 +114,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(tiny_bert_dir, text_csv, t
     resumed = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "b", resume=True, **kw), log=quiet)
     assert resumed["history"] == reference["history"]
     assert resumed["test"] == reference["test"]
-    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("a", "b"))
+    a, b = (load_file(tmp_path / d / "adapter" / "lily_adapter.safetensors") for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -180,7 +180,7 @@ def test_fsdp_under_torchrun_trains_like_ddp_and_resumes(tiny_bert_dir, text_csv
 
     ddp, fsdp = run(tmp_path / "ddp"), run(tmp_path / "fsdp", "--fsdp")
     assert fsdp["steps"] == ddp["steps"] == 10 and fsdp["config"]["fsdp"]
-    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("ddp", "fsdp"))
+    a, b = (load_file(tmp_path / d / "adapter" / "lily_adapter.safetensors") for d in ("ddp", "fsdp"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max(a[k].abs().max().item() for k in a if k.endswith(".B")) > 1e-3  # B moved away from its zero start
     assert fsdp["test"] == pytest.approx(ddp["test"]) and fsdp["best_val"] == pytest.approx(ddp["best_val"])

@@ -14,7 +14,7 @@ from lily.cli import main
 from lily.train.config import TrainConfig
 from lily.train.data import DataError
 from lily.train.loop import TrainingError, train
-from lily.train.outputs import RunDirError
+from lily.train.outputs import RunDirError, load_checkpoint
 from lily.train.tasks import ModelError
 from tests.test_train import quiet, text_cfg
 
@@ -81,9 +81,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_bert_dir, text_c
     monkeypatch.setattr(transformers.BertForSequenceClassification, "forward", forward)
     with pytest.raises(TrainingError, match=r"loss became nan at step 13 \(epoch 2\); stopped.*Lower --lr"):
         train(text_cfg(tiny_bert_dir, text_csv, out), log=quiet)
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    _, state = load_checkpoint(out)
     assert state["progress"]["step"] == 10  # the end of epoch 1, untouched by the NaN
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "lily_adapter.safetensors").is_file()
     assert not (out / "metrics.json").exists()
 
 

@@ -149,7 +149,11 @@ class TrainConfig:
     log_every: int = _opt(10, "Update the progress bar's loss every N steps.")
     cpu: bool = _opt(False, "Train on the CPU even when a GPU is present.")
     resume: bool = _opt(False, "Continue the run in --output-dir from its last checkpoint.")
-    overwrite: bool = _opt(False, "Replace a different run found in --output-dir.")
+    overwrite: bool = _opt(
+        False,
+        "Replace the lily run found in --output-dir, once the new run can start: only lily's own files are deleted, "
+        "and a directory that holds no lily run is never touched.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("task", "method", "mixed_precision", "schedule", "test_split", "prompt_style", "model_dtype"):

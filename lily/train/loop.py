@@ -4,6 +4,10 @@ The story of a run: check the output directory, load data and model, apply the m
 untouched model on the test split (step 0), train with periodic validation keeping the best weights,
 then test the best weights and write metrics.json and plot.png. A checkpoint is written at the end of
 every epoch and on Ctrl-C; `resume=True` continues from it with the same result as an uninterrupted run.
+
+The output directory is checked first but written (and, to start again, cleared) only once data, model and
+method are ready. An optimizer step whose gradients hold inf or NaN is skipped; `MAX_SKIPPED_STEPS` in a row
+stop the run, and no tensor holding inf or NaN is ever saved.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from lily.distributed import fully_shard_blocks, reshard
+from lily.distributed import fully_shard_blocks, is_sharded, reshard
 from lily.errors import LilyError
 from lily.train.config import TrainConfig
 from lily.train.data import load_task_data
@@ -46,7 +51,11 @@ from lily.train.tasks import Task, build_task, head_modules
 
 
 class TrainingError(LilyError, RuntimeError):
-    """Training cannot go on (non-finite loss, out of memory)."""
+    """Training cannot go on (non-finite loss, gradients or weights; out of memory)."""
+
+
+MAX_SKIPPED_STEPS = 5
+"""Optimizer steps in a row skipped for non-finite gradients after which training stops."""
 
 
 class EpochSampler(Sampler[int]):
@@ -123,6 +132,24 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: Any, state: dict[str
     set_optimizer_state_dict(reshard(model), optimizer.optimizer, state, options=options)
 
 
+def nonfinite(named: Iterable[tuple[str, torch.Tensor | None]], accelerator: Any) -> str | None:
+    """The name of a tensor in `named` holding inf or NaN on some process, or None.
+
+    Each process checks its own tensors (the local part of a shard) and the verdicts are combined, so every
+    process must call this, and all reach the same answer.
+    """
+    names, flags = [], []
+    for name, tensor in named:
+        if tensor is not None:
+            names.append(name)
+            flags.append(torch.isfinite(tensor.to_local() if is_sharded(tensor) else tensor).all())
+    bad = [n for n, ok in zip(names, torch.stack(flags).tolist() if flags else [], strict=True) if not ok]
+    if accelerator.num_processes > 1:
+        anywhere = accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum").item()
+        return (bad[0] if bad else "a tensor of another process") if anywhere else None
+    return bad[0] if bad else None
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -155,11 +182,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             "lily train does not use accelerate's FSDP plugin; launch with torchrun (or accelerate's multi-GPU "
             "config) and pass --fsdp, which shards with FSDP2 and Lily's wrap policy."
         )
-    out = check_output_dir(cfg)
-    accelerator.wait_for_everyone()  # every process has checked before the main one writes
-    if accelerator.is_main_process:
-        claim_output_dir(cfg)
-    accelerator.wait_for_everyone()
+    out = check_output_dir(cfg)  # writes nothing: the directory is claimed once the run can start
     log = log if accelerator.is_main_process else (lambda *a, **k: None)
     set_seed(cfg.seed)
     data = load_task_data(cfg)
@@ -185,7 +208,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     val_loader = test_loader if cfg.select_on_test else make_loader("validation")
     selected_on = "test" if cfg.select_on_test else "validation"
     head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named_trainable]
     groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
               {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_lr or cfg.lr}]  # fmt: skip
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
@@ -203,6 +227,10 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     schedule = lr_factor(total, warmup, cfg.schedule, cfg.min_lr / cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     unwrapped = accelerator.unwrap_model(model)
+    accelerator.wait_for_everyone()  # every process got this far before the main one clears and writes
+    if accelerator.is_main_process:
+        claim_output_dir(cfg)
+    accelerator.wait_for_everyone()
 
     progress = Progress()
     if cfg.resume:
@@ -224,9 +252,19 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     synced, synced_rng = snapshot()
     started = time.perf_counter() - progress.wall_time
 
+    def refuse_nonfinite(named: Iterable[tuple[str, torch.Tensor]], step: int) -> None:
+        """Stop rather than save a tensor holding inf or NaN (every process calls this)."""
+        bad = nonfinite(named, accelerator)
+        if bad is not None:
+            raise TrainingError(
+                f"trainable tensor {bad} holds inf or NaN at step {step}; stopped without saving it. The last good "
+                f"checkpoint and the best adapter are kept in {out}. {_fix(cfg)}"
+            )
+
     def checkpoint(at: Progress, rng: dict) -> None:
         at.wall_time = time.perf_counter() - started
         tensors = trainable_state(unwrapped)  # with --fsdp, every rank gathers
+        refuse_nonfinite(tensors.items(), at.step)
         optimizer_state = whole_optimizer_state(unwrapped, optimizer, cfg.fsdp)
         if accelerator.is_main_process:
             save_checkpoint(out, tensors, optimizer_state, scheduler, at, rng)
@@ -235,6 +273,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     def validate() -> float:
         metric = evaluate(task, model, val_loader, accelerator)
         if _better(task, metric, progress.best_metric):
+            refuse_nonfinite(((n, p) for n, p in reshard(unwrapped).named_parameters() if p.requires_grad),
+                             progress.step)  # fmt: skip
             progress.best_metric, progress.best_step = metric, progress.step
             if accelerator.is_main_process or cfg.fsdp:  # with --fsdp every rank gathers, the main one writes
                 save_trained(unwrapped, cfg, out / ADAPTER_DIR)
@@ -254,6 +294,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
     bar = tqdm(total=total, initial=progress.step, desc=f"{cfg.method} {cfg.task}", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+    skipped_in_a_row = 0
     model.train()
     try:
         while progress.epoch < cfg.epochs and progress.step < total:
@@ -269,13 +310,18 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                         raise TrainingError(
                             f"the training loss became {loss.item()} at step {progress.step + 1} (epoch "
                             f"{progress.epoch + 1}); stopped. The last good checkpoint and the best adapter are kept "
-                            f"in {out}. Lower --lr ({cfg.lr}) or --scaling ({cfg.scaling}), or avoid "
-                            "--mixed-precision fp16."
+                            f"in {out}. {_fix(cfg)}"
                         )
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
+                    finite = True
+                    if accelerator.sync_gradients:
+                        if cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # unscales fp16 gradients
+                        else:
+                            accelerator.unscale_gradients()
+                        finite = nonfinite(((n, p.grad) for n, p in named_trainable), accelerator) is None
+                    if finite or accelerator.scaler is not None:  # fp16: the GradScaler skips it and lowers its scale
+                        optimizer.step()
                     optimizer.zero_grad()
                 progress.batch_in_epoch += 1
                 progress.epoch_loss_sum += loss.item()
@@ -285,6 +331,20 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                     continue
                 scheduler.step()
                 progress.step += 1
+                if finite:
+                    skipped_in_a_row = 0
+                else:
+                    progress.skipped_steps += 1
+                    # With fp16, overflows while the loss scale is still >= 1 are the GradScaler finding its scale.
+                    if accelerator.scaler is None or accelerator.scaler.get_scale() < 1:
+                        skipped_in_a_row += 1
+                        log(f"step {progress.step}: a gradient holds inf or NaN; optimizer step skipped")
+                    if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                        raise TrainingError(
+                            f"the gradients held inf or NaN at {MAX_SKIPPED_STEPS} optimizer steps in a row (steps "
+                            f"{progress.step - MAX_SKIPPED_STEPS + 1} to {progress.step}, epoch {progress.epoch + 1}); "
+                            f"stopped. The last good checkpoint and the best adapter are kept in {out}. {_fix(cfg)}"
+                        )
                 synced, synced_rng = snapshot()
                 bar.update(1)
                 if progress.step % cfg.log_every == 0 or progress.step == total:
@@ -325,6 +385,7 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         "best_step": progress.best_step,
         "test": test,
         "steps": progress.step,
+        "skipped_steps": progress.skipped_steps,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_memory_bytes": peak_memory(accelerator.device),
         "device": str(accelerator.device),
@@ -338,6 +399,10 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     best = f"{progress.best_metric:.4f} at step {progress.best_step}"
     log(f"best {selected_on} {task.metric_name} {best}; results in {out}")
     return metrics
+
+
+def _fix(cfg: TrainConfig) -> str:
+    return f"Lower --lr ({cfg.lr}) or --scaling ({cfg.scaling}), or avoid --mixed-precision fp16."
 
 
 def _head_path(model: torch.nn.Module, head: str) -> str:

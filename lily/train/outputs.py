@@ -1,25 +1,44 @@
-"""What a run writes to its output directory, and the check that the directory belongs to this run.
+"""What a run writes to its output directory, and the checks that the directory belongs to this run.
 
-run.json             the configuration (written when the run starts)
+run.json             the configuration (written once data, model and method are ready); it marks a lily run
 adapter/             the best weights by validation metric (lily.save_adapter for Lily)
-checkpoint/          the last resumable state (trainable tensors, optimizer, scheduler, RNG, progress)
+checkpoint/          the last resumable state:
+  current.json         the pointer {"format": "lily-checkpoint", "version": 1, "directory": "000007", "step": ...}
+  000007/              trainable.safetensors (trainable tensors), state.safetensors + state.json (optimizer,
+                       scheduler, RNG states, progress; see `encode_state`)
 metrics.json         counts, per-epoch curves, test metric before and after, time, memory
 plot.png             training loss and validation metric per epoch
+
+Reading runs no code: every tensor is in a safetensors file and everything else in JSON.
+
+A checkpoint is committed by one atomic rename: the new state goes into a fresh numbered directory, every
+file and directory is synced, and only then is current.json replaced (through a synced temporary file) to name
+it; the previous directory is deleted afterwards. A crash at any moment leaves the old checkpoint or the new
+one, and the next save deletes what a crashed one left. Other files are written through a temporary file
+renamed into place, with the default file mode.
+
+A directory is a lily run when its run.json is a JSON object with the keys every lily run.json has
+(`RUN_KEYS`). Nothing else is ever deleted: starting a run again (`--overwrite`, or the same run with nothing to
+resume) removes only the entries lily writes (`LILY_ENTRIES`, and temporaries of interrupted writes), and only
+once the run can start. A non-empty directory that is not a lily run is refused, even with `--overwrite`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import random
+import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lily.errors import LilyError
@@ -27,6 +46,22 @@ from lily.train.config import TrainConfig
 
 RUN_FILE, METRICS_FILE, PLOT_FILE = "run.json", "metrics.json", "plot.png"
 ADAPTER_DIR, CHECKPOINT_DIR = "adapter", "checkpoint"
+POINTER_FILE, TRAINABLE_FILE, STATE_TENSORS_FILE, STATE_FILE = (
+    "current.json", "trainable.safetensors", "state.safetensors", "state.json"
+)  # fmt: skip
+CHECKPOINT_FORMAT, STATE_FORMAT, FORMAT_VERSION = "lily-checkpoint", "lily-train-state", 1
+LEGACY_STATE = "state.pt"
+"""The state file of checkpoints older versions wrote with torch.save, refused: reading it can run code."""
+RUN_KEYS = frozenset({"task", "model", "data", "method", "seed"})
+"""Keys every run.json lily has written holds: what marks a directory as a lily run."""
+LILY_ENTRIES = frozenset({RUN_FILE, METRICS_FILE, PLOT_FILE, ADAPTER_DIR, CHECKPOINT_DIR, "checkpoint.old"})
+"""What lily writes in a run directory (checkpoint.old: a leftover of older versions)."""
+LILY_TEMPORARY = re.compile(r"\.(?:(?:run\.json|metrics\.json|plot\.png)\.|plot-|checkpoint-).+")
+"""Temporaries of interrupted writes in a run directory (`.run.json.<hex>.tmp`; older: `.checkpoint-<random>`)."""
+SEQUENCE = re.compile(r"[0-9]+")
+"""Names of the checkpoint directories under checkpoint/."""
+NUMPY_KINDS = "biufc"
+"""Kinds of numpy arrays a checkpoint holds (bool, integer, float, complex)."""
 
 
 class RunDirError(LilyError, ValueError):
@@ -47,18 +82,77 @@ class Progress:
     best_step: int | None = None
     test_before: float | None = None
     wall_time: float = 0.0
+    skipped_steps: int = 0
+    """Optimizer steps skipped because a gradient was not finite."""
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` durable (a no-op on Windows, where directories cannot be opened)."""
+    if os.name != "nt":
+        _fsync_file(path)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """`data` in `path`, synced to disk."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _temporary(path: Path) -> Path:
+    """A new, empty file `.NAME.<hex>.tmp` beside `path`, with the default mode (unlike mkstemp's 0600)."""
+    temp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
+    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return temp
+
+
+def _commit(temp: Path, path: Path) -> None:
+    """Rename `temp` over `path` (atomic) and sync the directory; `temp` is removed if the rename fails."""
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by a file holding `data`, all or nothing, through a synced temporary file."""
+    temp = _temporary(path)
+    try:
+        _write_file(temp, data)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _commit(temp, path)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace `path` by `data` as indented JSON, all or nothing."""
+    _write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_run(out: Path) -> dict[str, Any] | None:
+    """The run identity in out/run.json, or None when `out` holds no lily run."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+        saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.keys() >= RUN_KEYS else None
+
+
+def _has_checkpoint(out: Path) -> bool:
+    root = out / CHECKPOINT_DIR
+    return (root / POINTER_FILE).is_file() or (root / LEGACY_STATE).is_file()
 
 
 def check_output_dir(cfg: TrainConfig) -> Path:
@@ -67,36 +161,53 @@ def check_output_dir(cfg: TrainConfig) -> Path:
     Every process of a distributed run calls this and reaches the same verdict.
     """
     out = Path(cfg.output_dir)
-    run_file = out / RUN_FILE
-    if out.exists() and any(out.iterdir()):
-        if not run_file.is_file():
-            if not cfg.overwrite:
-                raise RunDirError(f"--output-dir {out} is not empty and holds no lily run; choose another directory.")
-        else:
-            saved = json.loads(run_file.read_text())
-            ours = cfg.run_identity()
-            differs = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-            if differs and not cfg.overwrite:
-                raise RunDirError(
-                    f"--output-dir {out} holds a different run (it differs in {', '.join(differs)}); choose another "
-                    "--output-dir, or pass --overwrite to replace it."
-                )
-            if not differs and not cfg.resume and not cfg.overwrite:
-                what = "finished" if (out / METRICS_FILE).is_file() else "unfinished"
-                raise RunDirError(
-                    f"--output-dir {out} already holds this {what} run; pass --resume to continue it or --overwrite "
-                    "to start again."
-                )
-    if cfg.resume and not (out / CHECKPOINT_DIR).is_dir():
-        raise RunDirError(f"--resume: {out} has no checkpoint to resume from; run without --resume first.")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output-dir {out} is a file; choose a directory.")
+    if out.is_dir() and any(out.iterdir()):
+        saved = read_run(out)
+        if saved is None:
+            raise RunDirError(
+                f"--output-dir {out} is not empty and holds no lily run (no run.json written by lily train); lily "
+                "never deletes such a directory, not even with --overwrite: choose another --output-dir."
+            )
+        ours = cfg.run_identity()
+        differs = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        if differs and (cfg.resume or not cfg.overwrite):
+            fix = "--resume continues only that same run" if cfg.resume else "or pass --overwrite to replace it"
+            raise RunDirError(
+                f"--output-dir {out} holds a different run (it differs in {', '.join(differs)}); choose another "
+                f"--output-dir, {fix}."
+            )
+        finished = (out / METRICS_FILE).is_file()
+        if not differs and not cfg.resume and not cfg.overwrite and (finished or _has_checkpoint(out)):
+            raise RunDirError(
+                f"--output-dir {out} already holds this {'finished' if finished else 'unfinished'} run; pass --resume "
+                "to continue it or --overwrite to start again."
+            )
+    if cfg.resume:
+        checkpoint_dir(out)
     return out
 
 
+def clear_run(out: Path) -> None:
+    """Remove what lily train writes in run directory `out` (and temporaries of interrupted writes), nothing else.
+
+    run.json goes last, so that a directory cleared only in part is still recognised as a lily run.
+    """
+    entries = [e for e in out.iterdir() if e.name in LILY_ENTRIES or LILY_TEMPORARY.fullmatch(e.name)]
+    for entry in sorted(entries, key=lambda e: e.name == RUN_FILE):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def claim_output_dir(cfg: TrainConfig) -> None:
-    """After `check_output_dir`: clear the directory if asked to overwrite, and record this run (main process)."""
+    """After `check_output_dir`, once the run can start (main process): unless resuming, clear what an earlier
+    run left (`clear_run`), then record this run."""
     out = Path(cfg.output_dir)
-    if cfg.overwrite and not cfg.resume and out.exists():
-        shutil.rmtree(out)
+    if not cfg.resume and read_run(out) is not None:
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RUN_FILE, cfg.run_identity())
 
@@ -116,6 +227,98 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def encode_state(value: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """`value` (nested dicts, lists and tuples) as JSON-ready data, plus the tensors it refers to by key.
+
+    JSON types stay as they are; anything else becomes an object whose first key starts with '@':
+    {"@tensor": key}; {"@numpy": key, "dtype": "<u4", "shape": [624]} (the array's bytes as a uint8 tensor);
+    {"@tuple": [...]}; {"@dict": [[key, value], ...]} for a dict with a key that is not a string or starts with
+    '@'; {"@float": "inf"}, "-inf" or "nan".
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(v: Any) -> Any:
+        if v is None or isinstance(v, bool | int | str):
+            return v
+        if isinstance(v, float):
+            return v if math.isfinite(v) else {"@float": str(float(v))}
+        if isinstance(v, torch.Tensor):
+            tensors[key := str(len(tensors))] = v.detach().cpu().contiguous()
+            return {"@tensor": key}
+        if isinstance(v, np.ndarray) and v.dtype.kind in NUMPY_KINDS:
+            tensors[key := str(len(tensors))] = torch.from_numpy(np.frombuffer(v.tobytes(), np.uint8).copy())
+            return {"@numpy": key, "dtype": v.dtype.str, "shape": list(v.shape)}
+        if isinstance(v, tuple):
+            return {"@tuple": [encode(x) for x in v]}
+        if isinstance(v, list):
+            return [encode(x) for x in v]
+        if isinstance(v, dict):
+            if all(isinstance(k, str) and not k.startswith("@") for k in v):
+                return {k: encode(x) for k, x in v.items()}
+            return {"@dict": [[encode(k), encode(x)] for k, x in v.items()]}
+        raise TypeError(f"a checkpoint cannot hold a {type(v).__name__}.")
+
+    return encode(value), tensors
+
+
+def decode_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `encode_state`. Only JSON types and its markers are accepted; anything else is a ValueError."""
+
+    def decode(v: Any) -> Any:
+        if isinstance(v, list):
+            return [decode(x) for x in v]
+        if not isinstance(v, dict):
+            return v
+        marker = next((k for k in v if k.startswith("@")), None)
+        if marker is None:
+            return {k: decode(x) for k, x in v.items()}
+        body = v[marker]
+        if marker == "@numpy" and v.keys() == {"@numpy", "dtype", "shape"} and isinstance(v["dtype"], str):
+            dtype = np.dtype(v["dtype"])
+            if dtype.kind in NUMPY_KINDS:
+                return np.frombuffer(tensors[body].numpy().tobytes(), dtype).reshape(v["shape"]).copy()
+        if len(v) == 1:
+            if marker == "@tensor" and isinstance(body, str):
+                return tensors[body]
+            if marker == "@tuple" and isinstance(body, list):
+                return tuple(decode(x) for x in body)
+            if marker == "@dict" and isinstance(body, list):
+                return {decode(k): decode(x) for k, x in body}
+            if marker == "@float" and body in ("inf", "-inf", "nan"):
+                return float(body)
+        raise ValueError(f"unexpected entry {json.dumps(v)[:80]}")
+
+    return decode(data)
+
+
+def _current(root: Path) -> str | None:
+    """The name of the checkpoint directory checkpoint/current.json names; None when there is no checkpoint."""
+    pointer = root / POINTER_FILE
+    if not pointer.is_file():
+        if (root / LEGACY_STATE).exists():
+            raise RunDirError(
+                f"{root} holds a checkpoint of an older lily version (state.pt, written with torch.save), which "
+                "lily no longer reads because loading it can run arbitrary code; start the run again with "
+                "--overwrite (without --resume)."
+            )
+        return None
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        if data["format"] != CHECKPOINT_FORMAT or not SEQUENCE.fullmatch(data["directory"]):
+            raise ValueError("not a lily checkpoint pointer")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{pointer} cannot be read ({exc}); start the run again with --overwrite.") from exc
+    return data["directory"]
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """The directory of the current checkpoint of run directory `out`."""
+    name = _current(out / CHECKPOINT_DIR)
+    if name is None:
+        raise RunDirError(f"--resume: {out} has no checkpoint to resume from; run without --resume first.")
+    return out / CHECKPOINT_DIR / name
+
+
 def save_checkpoint(
     out: Path,
     tensors: dict[str, torch.Tensor],
@@ -124,26 +327,67 @@ def save_checkpoint(
     progress: Progress,
     rng: dict,
 ) -> None:
-    """Write the resumable state to out/checkpoint, replacing the previous one only once complete."""
-    temp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out))
+    """Write the resumable state to a new directory under out/checkpoint and make it current in one atomic step.
+
+    Leftovers of an earlier save that crashed are deleted first, the previous checkpoint once the new one is
+    current.
+    """
+    root = out / CHECKPOINT_DIR
+    if not root.is_dir():
+        root.mkdir()
+        _fsync_dir(out)
+    current = _current(root)
+    for entry in root.iterdir():
+        if entry.name != current and SEQUENCE.fullmatch(entry.name) and entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            entry.unlink()
+    name = f"{int(current or 0) + 1:06d}"
+    new = root / name
+    new.mkdir()
     try:
-        save_file(tensors, temp / "trainable.safetensors")
         state = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng,
                  "progress": asdict(progress)}  # fmt: skip
-        torch.save(state, temp / "state.pt")
-        final, old = out / CHECKPOINT_DIR, out / (CHECKPOINT_DIR + ".old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        encoded, state_tensors = encode_state(state)
+        header = {"format": STATE_FORMAT, "version": FORMAT_VERSION, "state": encoded}
+        _write_file(new / STATE_FILE, json.dumps(header, allow_nan=False).encode())
+        mode = (new / STATE_FILE).stat().st_mode & 0o777  # the default mode; safetensors creates files as 0600
+        for file, content in ((TRAINABLE_FILE, tensors), (STATE_TENSORS_FILE, state_tensors)):
+            save_file(content, new / file)
+            os.chmod(new / file, mode)
+            _fsync_file(new / file)
+        _fsync_dir(new)
+        _fsync_dir(root)
+        pointer = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "directory": name, "step": progress.step}
+        _write_atomic(root / POINTER_FILE, (json.dumps(pointer) + "\n").encode())
+    except BaseException:
+        with contextlib.suppress(RunDirError):
+            if _current(root) != name:  # not committed: the new directory is only a leftover
+                shutil.rmtree(new, ignore_errors=True)
+        raise
+    if current is not None:
+        shutil.rmtree(root / current, ignore_errors=True)
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    directory = out / CHECKPOINT_DIR
-    tensors = load_file(directory / "trainable.safetensors")
-    state = torch.load(directory / "state.pt", weights_only=False)
+    """The trainable tensors and the state (optimizer, scheduler, rng, progress) of the current checkpoint."""
+    directory = checkpoint_dir(out)
+
+    def reject(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        tensors = load_file(directory / TRAINABLE_FILE)
+        header = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"), parse_constant=reject)
+        if header["format"] != STATE_FORMAT or header["version"] != FORMAT_VERSION:
+            raise ValueError(f"not a lily training state of version {FORMAT_VERSION}")
+        state = decode_state(header["state"], load_file(directory / STATE_TENSORS_FILE))
+        if not (isinstance(state, dict) and state.keys() >= {"optimizer", "scheduler", "rng", "progress"}):
+            raise ValueError("the training state is incomplete")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise RunDirError(
+            f"the checkpoint in {directory} cannot be read ({exc}); start the run again with --overwrite."
+        ) from exc
     return tensors, state
 
 
@@ -163,12 +407,13 @@ def write_plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
     for axis in (left, right):
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
-    fd, temp = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=out)
-    os.close(fd)
+    temp = _temporary(out / PLOT_FILE)
     try:
-        fig.savefig(temp, dpi=100)
-        os.replace(temp, out / PLOT_FILE)
+        fig.savefig(temp, dpi=100, format="png")
+        _fsync_file(temp)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
     finally:
         plt.close(fig)
-        if os.path.exists(temp):
-            os.remove(temp)
+    _commit(temp, out / PLOT_FILE)
