@@ -11,10 +11,12 @@ from lily.adapter import adapter_names, adapter_parameters, disable_adapters, ge
 from lily.analysis import diagnostics, effective_rank, expert_similarity, routing_statistics
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
+from lily.hub import model_card, push_to_hub
 from lily.inject import delete_adapter, inject, remove
 from lily.interop import from_peft, to_peft
 from lily.io import load_adapter, load_adapter_weights, save_adapter
 from lily.merge import merge, unmerge
+from lily.pretrained import export_merged, from_pretrained
 from lily.report import count_parameters, summary
 from lily.routing import ROUTING_MODES
 
@@ -37,13 +39,17 @@ __all__ = [
     "disable_adapters",
     "effective_rank",
     "expert_similarity",
+    "export_merged",
     "from_peft",
+    "from_pretrained",
     "get_adapter",
     "inject",
     "lily_layers",
     "load_adapter",
     "load_adapter_weights",
     "merge",
+    "model_card",
+    "push_to_hub",
     "remove",
     "routing_statistics",
     "save_adapter",

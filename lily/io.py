@@ -34,9 +34,12 @@ from torch import nn
 from lily.adapter import (
     FILE_PREFIX,
     LilyAdapter,
+    adapter_parameters,
     find_adapters,
     get_adapter,
     lily_layers,
+    module_parameters,
+    original_module,
     saved_parameters,
     set_adapter,
 )
@@ -172,25 +175,36 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write adapter `name` of `model` (default: the active one) to directory `path`: `lily_config.json` +
     `lily_adapter.safetensors`.
 
     Only adapter tensors are written, each shared A group and B expert once. The save is all-or-nothing: a
     failure or crash at any point leaves the previous adapter in `path` or the new one (see the module
     docstring). Under FSDP2 (`fully_shard`), call it on every rank: the shards are gathered and rank 0
-    writes (`load_adapter_weights` likewise loads into shards).
+    writes (`load_adapter_weights` likewise loads into shards). With `state_dict` (a full state dict of the
+    model, as Trainer gathers under FSDP or DeepSpeed; wrapper prefixes such as `_orig_mod.` or `module.`
+    are allowed) the values are read from it instead of the model, and nothing is gathered.
 
     Example:
         >>> lily.save_adapter(model, "out/adapter")
     """
     from lily import __version__  # the package imports this module
 
+    model = original_module(model)
     adapter = get_adapter(model, name)
-    params = saved_parameters(reshard(model), adapter.name)
-    tensors = {n: full_tensor(p).to("cpu").contiguous() for n, p in params.items()}
-    if any_sharded(params.values()) and not is_main_process():
-        return  # FSDP2: every rank gathered the shards above; rank 0 writes
+    if state_dict is not None:
+        tensors = _values_from(model, adapter.name, state_dict)
+    else:
+        params = saved_parameters(reshard(model), adapter.name)
+        tensors = {n: full_tensor(p).to("cpu").contiguous() for n, p in params.items()}
+        if any_sharded(params.values()) and not is_main_process():
+            return  # FSDP2: every rank gathered the shards above; rank 0 writes
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     base, revision = base_model_id(model)
     meta: dict[str, Any] = {
@@ -209,6 +223,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     _finish_interrupted_save(directory)
     write_files(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: (json.dumps(meta, indent=2) + "\n").encode()})
     _remove_v1_files(directory)
+
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.")
+"""Prefixes that torch.compile, DDP and FSDP put before parameter names in a wrapper's state dict."""
+
+
+def _unprefixed(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def _values_from(model: nn.Module, name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` by file name, read from `state_dict` (by model parameter name)."""
+    by_name = {_unprefixed(k): v for k, v in state_dict.items()}
+    by_param = {id(p): n for n, p in {**adapter_parameters(model, name), **module_parameters(model, name)}.items()}
+    tensors = {}
+    for file_name, param in saved_parameters(model, name).items():
+        model_name = by_param[id(param)]
+        if model_name not in by_name:
+            raise CheckpointError(
+                f"save_adapter: the state_dict passed lacks the adapter tensor '{model_name}'; pass the model's "
+                "full state dict, or none to read the model."
+            )
+        tensors[file_name] = by_name[model_name].detach().to("cpu").contiguous()
+    return tensors
 
 
 def _finish_interrupted_save(directory: Path) -> None:
@@ -491,11 +531,50 @@ def inject_then_load(model: nn.Module, config: LilyConfig, name: str, load: Call
         raise
 
 
+HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, V1_CONFIG_NAME, V1_WEIGHTS_NAME, "README.md"]
+"""The files of an adapter repository on the Hugging Face Hub that a load downloads."""
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+"""What a Hub repository id looks like ('name' or 'org/name')."""
+
+
+def adapter_dir(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory holding the adapter `path`: `path` itself when it is a directory, else the snapshot of
+    Hugging Face Hub repository `path` at `revision`, downloaded or (offline, `HF_HUB_OFFLINE=1`) read from the
+    local cache."""
+    local = Path(path)
+    if local.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"revision={revision!r} applies to Hub repositories; '{path}' is a local directory.")
+        return local
+    repo = str(path)
+    if not REPO_ID.fullmatch(repo):
+        raise CheckpointError(f"no adapter at '{path}': no such directory (nor a Hub repository id 'org/name').")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, library_name="lily"))
+    except LocalEntryNotFoundError as exc:
+        raise CheckpointError(
+            f"no adapter at '{repo}': no such directory, and as a Hub repository it is not in the local Hub cache "
+            "and the Hub cannot be reached; download it once while online (HF_HUB_OFFLINE=1 forbids downloads)."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise CheckpointError(
+            f"no adapter at '{repo}': no such directory, and the Hub answers: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
 def load_adapter(
-    model: nn.Module, path: str | os.PathLike, name: str = "default", is_trainable: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    is_trainable: bool = False,
+    revision: str | None = None,
 ) -> nn.Module:
-    """Inject the adapter saved at `path` into `model` as adapter `name`, make it active, load its weights, and
-    return `model`. The model may already carry other adapters.
+    """Inject the adapter saved at `path` (a directory, or a Hugging Face Hub repo id at `revision`) into `model`
+    as adapter `name`, make it active, load its weights, and return `model`. The model may already carry other
+    adapters.
 
     The adapter is frozen, for inference; `is_trainable=True` keeps its parameters (and its trainable modules)
     trainable, to continue training. Everything is checked before the model is touched: the config, the plan
@@ -505,8 +584,8 @@ def load_adapter(
     Example:
         >>> model = lily.load_adapter(AutoModelForCausalLM.from_pretrained(base_id), "out/adapter")
     """
-    where = str(path)
-    saved = read_adapter(path)
+    given, model, where = model, original_module(model), str(path)
+    saved = read_adapter(adapter_dir(path, revision))
     check_free_name(model, name, where)
     plan, expected = expected_tensors(model, saved.config, where)
     _check_plan(saved.meta["target_types"], plan, where)
@@ -521,7 +600,7 @@ def load_adapter(
         get_adapter(model, name).routing_reason = saved.meta["routing_reason"]
 
     inject_then_load(model, saved.config, name, fill, where)
-    return model
+    return given
 
 
 def _check_same_config(saved: LilyConfig, adapter: LilyAdapter, where: str) -> None:
@@ -542,9 +621,9 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike, name: str | 
     The whole config, the layer plan, every tensor's name, shape and dtype and the checksum are checked first,
     and the adapter must not be merged; nothing is copied on a mismatch.
     """
-    where = str(path)
+    model, where = original_module(model), str(path)
     adapter = get_adapter(model, name)
-    saved = read_adapter(path)
+    saved = read_adapter(adapter_dir(path))
     _check_same_config(saved.config, adapter, where)
     merged = [n for n, site in lily_layers(model) if site.merged == adapter.name]
     if merged:

@@ -220,8 +220,11 @@ def test_truncated_or_corrupt_files_are_reported(tmp_path):
 
 
 def test_missing_directory_is_reported(tmp_path):
-    with pytest.raises(CheckpointError, match=r"lily_config\.json is missing"):
+    with pytest.raises(CheckpointError, match=r"no adapter at .*nope': no such directory"):
         lily.load_adapter(fresh(), tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"lily_config\.json is missing"):
+        lily.load_adapter(fresh(), tmp_path / "empty")
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):

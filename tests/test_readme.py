@@ -40,3 +40,28 @@ def test_several_adapters_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(block, "README adapters", "exec"), {})
     assert "['chat', 'code'] code" in capsys.readouterr().out
     assert (tmp_path / "out" / "code" / "lily_config.json").is_file()
+
+
+def test_transformers_workflow_example_runs(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    pushed = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, revision=None, commit_message=None):
+            pushed.append((repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.chdir(tmp_path)
+    block = next(b for b in python_blocks() if "transformers.Trainer(" in b)
+    exec(compile(block, "README transformers", "exec"), {})
+    assert pushed == [("your-name/lily-bert", ["README.md", "lily_adapter.safetensors", "lily_config.json"])]
+    checkpoint = tmp_path / "out" / "trainer" / "checkpoint-4"
+    assert (checkpoint / "lily_adapter.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert (tmp_path / "out" / "merged" / "config.json").is_file()

@@ -36,6 +36,9 @@ def test_text_classification_end_to_end(tiny_bert_dir, text_csv, tmp_path, capsy
     for name in ("run.json", "metrics.json", "plot.png", "adapter/lily_config.json", "checkpoint/current.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
+    card = (out / "adapter" / "README.md").read_text()
+    assert "library_name: lily" in card and f"test accuracy: {metrics['test']:.4f}" in card
+    assert f"lily train --model {tiny_bert_dir} --data {text_csv}" in card and "--lr 0.01" in card
     assert main(["eval", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"test accuracy: {metrics['test']:.4f}"
     assert main(["predict", str(out), "the car is good", "what a bad day"]) == 0

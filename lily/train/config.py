@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,6 +193,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def command(self) -> str:
+        """The `lily train` command line that gives this config (flags for the values that differ from defaults)."""
+        parts = ["lily", "train"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("resume", "overwrite") or value == (f.default_factory() if f.default is dataclasses.MISSING
+                                                              else f.default):  # fmt: skip
+                continue
+            if isinstance(value, bool):
+                parts.append(f"--{'' if value else 'no-'}{_flag(f.name)}")
+            else:
+                values = value if isinstance(value, list) else [value]
+                parts += [f"--{_flag(f.name)}", *(shlex.quote(str(v)) for v in values)]
+        return " ".join(parts)
 
     def run_identity(self) -> dict[str, Any]:
         """The fields that define what a run computes (not how it is launched or resumed)."""

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from lily.distributed import fully_shard_blocks, is_sharded, reshard
 from lily.errors import LilyError
+from lily.hub import write_model_card
 from lily.train.config import TrainConfig
 from lily.train.data import load_task_data
 from lily.train.methods import (
@@ -395,6 +396,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_json_atomic(out / METRICS_FILE, metrics)
         write_plot(out, progress.history, task.metric_name)
+        if cfg.method == "lily":  # the adapter folder can be pushed to the Hub as it is
+            write_model_card(unwrapped, out / ADAPTER_DIR, training=_card_facts(cfg, metrics))
     log(f"test {task.metric_name}: {test:.4f} (before training, step 0: {progress.test_before:.4f})")
     best = f"{progress.best_metric:.4f} at step {progress.best_step}"
     log(f"best {selected_on} {task.metric_name} {best}; results in {out}")
@@ -403,6 +406,18 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
 
 def _fix(cfg: TrainConfig) -> str:
     return f"Lower --lr ({cfg.lr}) or --scaling ({cfg.scaling}), or avoid --mixed-precision fp16."
+
+
+def _card_facts(cfg: TrainConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a model card says about the run: the command, the data and the test metric before and after."""
+    metric = metrics["metric"]
+    return {
+        "command": cfg.command(),
+        "data": f"{cfg.data} ({', '.join(f'{k} {v:,}' for k, v in metrics['data'].items())})",
+        f"test {metric}": f"{metrics['test']:.4f} (untrained: {metrics['test_before']:.4f})",
+        f"best {metrics['selected_on']} {metric}": f"{metrics['best_val']:.4f} at step {metrics['best_step']}",
+        "steps": metrics["steps"],
+    }
 
 
 def _head_path(model: torch.nn.Module, head: str) -> str:
