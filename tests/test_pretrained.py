@@ -227,3 +227,24 @@ def test_verbs_on_a_compiled_handle_act_on_the_original_module(bert_dir, tmp_pat
     torch.testing.assert_close(logits(other, ids), expected, rtol=1e-5, atol=1e-6)
     lily.remove(other)
     assert "lily_adapters" not in dict(other._orig_mod.named_children())
+
+
+def test_trainer_under_ddp_saves_adapter_only_checkpoints_and_resumes_exactly(bert_dir, tmp_path):
+    import subprocess
+    import sys
+
+    worker = Path(__file__).with_name("trainer_worker.py")
+
+    def launch(out, *resume):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), bert_dir,
+                   str(out), *map(str, resume)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(tmp_path / "full")
+    for step in (2, 4):
+        files = {p.name for p in (tmp_path / "full" / f"checkpoint-{step}").iterdir()}
+        assert files >= ADAPTER_FILES and not any(n.startswith(("model.", "pytorch_model")) for n in files)
+    launch(tmp_path / "resumed", tmp_path / "full" / "checkpoint-2")
+    a, b = adapter_tensors(tmp_path / "full" / "checkpoint-4"), adapter_tensors(tmp_path / "resumed" / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
