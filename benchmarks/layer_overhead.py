@@ -2,9 +2,10 @@
 
 Whole-model timings on a small CPU bury the adapters' cost in noise; here the frozen stack (backward still
 runs through it) is the baseline and each contender's extra time is compared with LoRA's at the same
-rank, all interleaved in one process.
+rank, all interleaved in one process. Also measured: each routing mode under `torch.compile` against the
+same model in eager mode (timed in the same rounds), and the memory autograd keeps for backward.
 
-    python -m benchmarks.layer_overhead --quick     # < 1 min on 2 CPU cores
+    python -m benchmarks.layer_overhead --quick     # a few minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ def build(args: argparse.Namespace) -> dict[str, nn.Module]:
     return rank_contenders(Stack(args.depth, args.width), ["proj"], args.r, args.num_A, args.num_B)
 
 
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Bytes of the distinct storages autograd keeps for the backward pass of one train step: all of them, and
+    those that are not parameters (activations and per-step copies; parameters are in memory anyway)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x.clone().requires_grad_()).pow(2).mean()
+    loss.backward()
+    return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in parameters)
+
+
+def table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    return [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -45,15 +67,22 @@ def main() -> None:
     parser.add_argument("--num-B", type=int, default=4)
     parser.add_argument("--shapes", default="1x16,4x128,8x512", help="batch x tokens, comma-separated")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.repeats = "1x16,4x128", 15
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {k: m.to(device) for k, m in build(args).items()}
+    modes = [k for k in models if k.startswith("lily-")]
+    compiled = {} if args.no_compile else {k: torch.compile(models[k], dynamic=False) for k in modes}
+    shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     rows = []
-    for shape in args.shapes.split(","):
-        batch, tokens = map(int, shape.split("x"))
+    for batch, tokens in shapes:
         x = torch.randn(batch, tokens, args.width, device=device)
+        memory = {k: saved_bytes(m, x) for k, m in models.items()}
         for phase in ("train", "inference"):
 
             def step(model: nn.Module, x: torch.Tensor = x, train: bool = phase == "train") -> None:
@@ -63,27 +92,52 @@ def main() -> None:
                 if train:
                     out.backward()
 
-            medians = interleaved_medians({k: (lambda m=m: step(m)) for k, m in models.items()}, args.repeats, device)
+            contenders = {**models, **{f"{k} compiled": m for k, m in compiled.items()}}
+            torch._dynamo.reset()  # compile afresh in the warm-up round: one graph per model, no stale guards
+            medians = interleaved_medians({k: (lambda m=m: step(m)) for k, m in contenders.items()}, args.repeats,
+                                          device)  # fmt: skip
             lora = medians["lora"] - medians["frozen"]
             for k in models:
-                rows.append({"batch": batch, "tokens": tokens, "phase": phase, "contender": k, "ms": 1e3 * medians[k],
-                             "overhead_vs_lora": (medians[k] - medians["frozen"]) / lora})  # fmt: skip
+                row = {"batch": batch, "tokens": tokens, "phase": phase, "contender": k, "ms": 1e3 * medians[k],
+                       "overhead_vs_lora": (medians[k] - medians["frozen"]) / lora}  # fmt: skip
+                if k in compiled:
+                    row["compiled_ms"] = 1e3 * medians[f"{k} compiled"]
+                    row["compiled_vs_eager"] = medians[f"{k} compiled"] / medians[k]
+                if phase == "train":
+                    row["saved_bytes"], row["saved_activation_bytes"] = memory[k]
+                    row["saved_vs_lora"] = memory[k][0] / memory["lora"][0]
+                    row["saved_activations_vs_lora"] = memory[k][1] / memory["lora"][1]
+                rows.append(row)
+
+    def cells(shape: tuple[int, int], phase: str) -> dict[str, dict]:
+        return {r["contender"]: r for r in rows if (r["batch"], r["tokens"], r["phase"]) == (*shape, phase)}
+
     names = [k for k in models if k not in ("frozen", "lora")]
-    lines = [f"Adapter overhead / LoRA's overhead (same rank r={args.r}; {args.depth} x Linear({args.width}); "
-             f"num_A={args.num_A}, num_B={args.num_B}; medians of {args.repeats} interleaved rounds)", "",
-             "| batch x tokens | phase | LoRA overhead ms | " + " | ".join(names) + " |",
-             "|---|---|---|" + "---|" * len(names)]  # fmt: skip
-    for shape in args.shapes.split(","):
-        batch, tokens = map(int, shape.split("x"))
+    setting = f"r={args.r}; {args.depth} x Linear({args.width}); num_A={args.num_A}, num_B={args.num_B}"
+    overhead, speedup, memory_rows = [], [], []
+    for shape in shapes:
+        label = "x".join(map(str, shape))
         for phase in ("train", "inference"):
-            sel = {r["contender"]: r for r in rows if (r["batch"], r["tokens"], r["phase"]) == (batch, tokens, phase)}
+            sel = cells(shape, phase)
             lora_ms = sel["lora"]["ms"] - sel["frozen"]["ms"]
-            cells = [f"{sel[n]['overhead_vs_lora']:.2f}" for n in names]
-            lines.append(f"| {shape} | {phase} | {lora_ms:.2f} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
+            overhead.append([label, phase, f"{lora_ms:.2f}", *(f"{sel[n]['overhead_vs_lora']:.2f}" for n in names)])
+            if compiled:
+                speedup.append([label, phase, *(f"{sel[n]['compiled_vs_eager']:.2f}" for n in modes)])
+        sel = cells(shape, "train")
+        memory_rows.append([label, f"{sel['lora']['saved_bytes'] / 2**20:.2f}",
+                            *(f"{sel[n]['saved_vs_lora']:.3f} / {sel[n]['saved_activations_vs_lora']:.3f}"
+                              for n in names)])  # fmt: skip
+    lines = table(f"Adapter overhead / LoRA's overhead (same rank; {setting}; medians of {args.repeats} interleaved "
+                  "rounds)", ["batch x tokens", "phase", "LoRA overhead ms", *names], overhead)  # fmt: skip
+    if compiled:
+        lines += table("torch.compile (inductor) step time / eager step time, same model, same rounds (< 1: "
+                       "compiled is faster)", ["batch x tokens", "phase", *modes], speedup)  # fmt: skip
+    lines += table("Saved-for-backward memory of a train step / LoRA's: all saved storages / activations only "
+                   "(parameters excluded)", ["batch x tokens", "LoRA MiB (all)", *names], memory_rows)  # fmt: skip
+    text = "\n".join(lines).rstrip()
+    print(text)
     write_results("layer_overhead", {"settings": vars(args), "machine": device_info(device), "rows": rows},
-                  f"Device: {device_info(device)}\n\n{table}")  # fmt: skip
+                  f"Device: {device_info(device)}\n\n{text}")  # fmt: skip
 
 
 if __name__ == "__main__":

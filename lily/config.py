@@ -21,6 +21,14 @@ MAX_GROUPS = 65536
 """The largest `num_A` and `layers_per_A` accepted."""
 
 
+def _finite(value: int | float) -> bool:
+    """Whether `value` is a finite number that fits a float (a 400-digit integer does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass
 class LilyConfig:
     """Configuration of a Lily adapter.
@@ -98,13 +106,11 @@ class LilyConfig:
             self._check_count(name, bound)
         if self.num_A is None and self.layers_per_A is None:
             self.num_A = 2
-        if (
-            isinstance(self.scaling, bool)
-            or not isinstance(self.scaling, (int, float))
-            or not math.isfinite(self.scaling)
-        ):
-            raise ConfigError(f"LilyConfig.scaling must be a finite number, got {self.scaling!r}.")
-        self.scaling = float(self.scaling)
+        scaling = self.scaling
+        if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not _finite(scaling):
+            shown = f"{scaling!r}" if not isinstance(scaling, int) or abs(scaling) < 10**20 else "a huge integer"
+            raise ConfigError(f"LilyConfig.scaling must be a finite number, got {shown}.")
+        self.scaling = float(scaling)
         if self.routing is not None and self.routing not in ROUTING_MODES:
             raise ConfigError(
                 f"LilyConfig.routing={self.routing!r} is not a routing mode; choose one of "
@@ -153,6 +159,10 @@ class LilyConfig:
             )
         if self.parallel_r is None and self.parallel_modules:
             self.parallel_r = 2 * self.r
+            if self.parallel_r > MAX_RANK:
+                raise ConfigError(
+                    f"LilyConfig.parallel_r defaults to 2 * r = {self.parallel_r}, above {MAX_RANK}; set parallel_r."
+                )
 
     def _check_targets(self) -> None:
         targets = self.target_modules
@@ -179,9 +189,11 @@ class LilyConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a LilyConfig must be given as a mapping of fields, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(repr, set(data) - known))
         if unknown:
-            raise ConfigError(f"LilyConfig has no field(s) {unknown}; known fields: {sorted(known)}.")
+            raise ConfigError(
+                f"LilyConfig has no field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}."
+            )
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [name for name in missing if name not in data]
         if missing:

@@ -25,7 +25,15 @@ from lily.config import LilyConfig
 from lily.errors import InjectionError, MergeError
 from lily.layer import SLOT_ATTR, LilyBranch, LilyLayer, LilySite, ParallelSlot
 from lily.merge import require_mergeable
-from lily.plan import TargetType, check_adaptable, plan_targets, plan_trainable_modules
+from lily.plan import (
+    CPU_REPACKING,
+    TargetType,
+    base_modules,
+    check_adaptable,
+    plan_targets,
+    plan_trainable_modules,
+    repacked_for_cpu,
+)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -107,6 +115,13 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
         raise InjectionError(f"{type(model).__name__} holds Lily layers without their adapters; rebuild the model.")
     if adapters is not None and any(layer.merged is not None for _, layer in lily_layers(model)):
         raise MergeError("an adapter is merged into the weights; call lily.unmerge(model) before adding another.")
+    repacked = next((n for n, m in base_modules(model) if repacked_for_cpu(m)), None)
+    if repacked is not None:
+        raise InjectionError(
+            f"bitsandbytes repacked the 4-bit weight of '{repacked}' for its CPU inference kernel (the model ran on a "
+            "CPU in eval mode without gradients), and that kernel has no backward: no adapter before it could "
+            "train. Reload the model and add the adapter before running it; lily then turns the repacking off."
+        )
     plan = plan_targets(model, config)
     trainable_modules = plan_trainable_modules(model, config, plan)
     if adapters is not None:
@@ -122,13 +137,16 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
     sites: list[tuple[TargetType, int, LilyBranch]] = []
     for t in plan:
         device = next(model.get_submodule(t.module_names[0]).parameters()).device
-        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, device=device)
+        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, t.kernel_size, device=device)
         adapter.banks[t.key] = bank
         for i, group in enumerate(t.groups):
             sites.append((t, i, LilyBranch(bank, group, routing, config.scaling, config.dropout, t.activation)))
 
     if adapters is None:
-        adapters = LilyAdapters([n for n, p in model.named_parameters() if p.requires_grad])
+        repacking = {n: getattr(m, CPU_REPACKING) for n, m in model.named_modules() if hasattr(m, CPU_REPACKING)}
+        adapters = LilyAdapters([n for n, p in model.named_parameters() if p.requires_grad], repacking)
+        for module_name in repacking:
+            setattr(model.get_submodule(module_name), CPU_REPACKING, False)
         for param in model.parameters():
             param.requires_grad_(False)
         model.add_module(ADAPTER_ATTR, adapters)
@@ -246,6 +264,8 @@ def remove(model: nn.Module, merge: bool = False) -> nn.Module:
         _drop_site(model, layer)
     for handle in adapters.hook_handles:
         handle.remove()
+    for module_name, repacking in adapters.cpu_repacking.items():
+        setattr(model.get_submodule(module_name), CPU_REPACKING, repacking)
     delattr(model, ADAPTER_ATTR)
     for integrate in MODEL_INTEGRATIONS:
         integrate(model, False)

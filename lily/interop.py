@@ -28,6 +28,7 @@ from lily.io import (
     copy_tensors,
     expected_tensors,
     inject_then_load,
+    read_json,
     read_safetensors,
     write_files,
 )
@@ -84,7 +85,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
     loadable with `peft.PeftModel.from_pretrained(base_model, path)`.
 
     Raises CheckpointError naming the feature when the adapter is not expressible in PEFT's Lily: routing
-    other than "batch", num_B=1 (PEFT refuses it), Conv1D layers, A groups that are not runs of one fixed
+    other than "batch", num_B=1 (PEFT refuses it), Conv1D and Conv2d layers, A groups that are not runs of one fixed
     length, a layer name that ends with two target suffixes (PEFT's choice would depend on the hash seed), or
     sharing that PEFT would key differently. The files are written all-or-nothing. Dropout has no PEFT field;
     it is dropped with a warning (inference is unchanged).
@@ -110,7 +111,11 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
     named = dict(model.named_modules())
     conv = [n for n in layers if named[n].kind != "linear"]
     if conv:
-        raise CheckpointError(f"to_peft: PEFT's Lily adapts only nn.Linear; '{conv[0]}' is a transformers Conv1D.")
+        kind = {"conv1d": "a transformers Conv1D", "conv2d": "an nn.Conv2d"}[named[conv[0]].kind]
+        raise CheckpointError(
+            f"to_peft: PEFT's Lily adapts only nn.Linear; '{conv[0]}' is {kind}, which it has no layer for. Save "
+            "the adapter with lily.save_adapter instead."
+        )
     order = list(layers)
     for layer_name in order if isinstance(cfg.target_modules, list) else ():
         hits = [s for s in cfg.target_modules if layer_name.endswith(s)]
@@ -164,10 +169,7 @@ def to_peft(model: nn.Module, path: str | os.PathLike, name: str | None = None) 
 def read_peft_config(path: str | os.PathLike) -> dict[str, Any]:
     """The `adapter_config.json` of a PEFT Lily checkpoint, checked for the fields lily needs and can express."""
     file = Path(path) / PEFT_CONFIG_NAME
-    try:
-        meta = json.loads(file.read_bytes())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"cannot read a PEFT config at '{file}': {exc}") from exc
+    meta = read_json(file)
     if not isinstance(meta, dict) or meta.get("peft_type") != "LILY":
         kind = meta.get("peft_type") if isinstance(meta, dict) else None
         raise CheckpointError(f"'{file}' is not a PEFT Lily checkpoint (peft_type={kind!r}, expected 'LILY').")

@@ -269,7 +269,7 @@ def _remove_v1_files(directory: Path) -> None:
     """Remove the version 1 files of an adapter the save just replaced (PEFT's files stay)."""
     legacy = directory / V1_CONFIG_NAME
     try:
-        meta = _read_json(legacy)
+        meta = read_json(legacy)
     except CheckpointError:
         return
     if isinstance(meta, dict) and meta.get("format") == FORMAT:
@@ -282,7 +282,16 @@ def _pending_configs(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"{TEMP_PREFIX}{CONFIG_NAME}.*.tmp"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def _read_json(file: Path) -> Any:
+def require_regular_file(file: Path) -> None:
+    """Raise CheckpointError unless `file` is a regular file (a FIFO or a device would block or never end)."""
+    if not file.is_file():
+        what = "missing" if not file.exists() else "not a regular file"
+        raise CheckpointError(f"{file} is {what}; an adapter's files are regular files.")
+
+
+def read_json(file: Path) -> Any:
+    """The JSON in regular file `file`, at most MAX_CONFIG_BYTES long; CheckpointError otherwise."""
+    require_regular_file(file)
     try:
         if file.stat().st_size > MAX_CONFIG_BYTES:
             raise CheckpointError(f"{file} is larger than {MAX_CONFIG_BYTES} bytes; it is not a lily adapter config.")
@@ -327,7 +336,7 @@ def _check_fields(data: dict[str, Any], schema: dict[str, type | tuple[type, ...
 
 def _read_config(file: Path, version: int) -> dict[str, Any]:
     """The fields of config file `file` of format `version`, each checked; CheckpointError names the one at fault."""
-    meta = _read_json(file)
+    meta = read_json(file)
     _check_version(meta, file, version)
     _check_fields(meta, SCHEMA[version], str(file))
     if "weights" in meta:
@@ -391,6 +400,7 @@ def read_safetensors(file: Path, checksum: dict[str, Any] | None = None) -> dict
     The file is read once, so the tensors are the bytes that were checked. A missing, corrupt or truncated file
     raises CheckpointError.
     """
+    require_regular_file(file)
     try:
         data = file.read_bytes()
     except OSError as exc:
@@ -398,9 +408,15 @@ def read_safetensors(file: Path, checksum: dict[str, Any] | None = None) -> dict
     if checksum is not None and _checksum(data) != checksum:
         raise CheckpointError(f"{file} changed while it was being loaded (its sha256 no longer matches); load again.")
     try:
-        return safetensors.torch.load(data)
+        tensors = safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises several types for damaged files
         raise CheckpointError(f"{file} is corrupt or truncated and cannot be read: {exc}.") from exc
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(
+                f"{file}: tensor '{key}' has dtype {tensor.dtype}; adapter tensors are floating point."
+            )
+    return tensors
 
 
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -416,6 +432,7 @@ def _is_float(dtype: str) -> bool:
 
 def _check_header(file: Path, expected: dict[str, tuple[int, ...]], where: str) -> None:
     """Check the names, shapes and dtypes of the tensors in `file` from its header alone (no tensor data)."""
+    require_regular_file(file)
     try:
         with safe_open(file, framework="pt") as handle:
             slices = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
@@ -483,7 +500,7 @@ def expected_tensors(
     meta = torch.device("meta")
     shapes: dict[str, tuple[int, ...]] = {}
     for t in plan:
-        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, device=meta)
+        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, t.kernel_size, device=meta)
         shapes.update({f"{FILE_PREFIX}.banks.{t.key}.{n}": tuple(p.shape) for n, p in bank.named_parameters()})
         router = make_router(routing, t.r, config.num_B, device=meta)
         for module in t.module_names if router is not None else ():

@@ -1,14 +1,19 @@
-"""Where adapters attach: `LilyLayer` wraps one Linear/Conv1D layer; `ParallelSlot` adds a parallel adapter to a
-block's output. `LilyBranch` is one named adapter's forward maths at such a site.
+"""Where adapters attach: `LilyLayer` wraps one Linear/Conv1D/Conv2d layer; `ParallelSlot` adds a parallel adapter
+to a block's output. `LilyBranch` is one named adapter's forward maths at such a site.
 
-h     = phi(dropout(x) A_g^T)                 (..., r)     A_g: this layer's A group (shared); phi: identity,
+h     = phi(dropout(x) A_g^T)                 (tokens, r)  A_g: this layer's A group (shared); phi: identity,
                                                            or ReLU/GELU for parallel adapters
 w     = routing weights of h                  see lily.routing
 y     = base(x) + s * sum_e w_e (h B_e^T)     B_e: the target type's experts (shared)
+
+On a Conv2d, A_g is a k x k conv with the base conv's stride, padding and dilation, and h has one r-vector
+per output position (in (N, H', W') order); each B_e is a 1x1 conv, so a position is a token:
+"token" routing mixes the experts per pixel, "sample" pools over an image's positions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,11 +22,20 @@ from torch import nn
 
 from lily.bank import LilyBank
 from lily.calls import attention_mask, capture_input, take_input
-from lily.errors import MergeError
-from lily.routing import apply_experts, expert_weights, make_router, mix_experts, require_mergeable
+from lily.errors import MergeError, TargetError
+from lily.routing import add_experts, expert_weights, make_router, mix_experts, require_mergeable
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 """Nonlinearities a parallel adapter may apply to h (the paper's ViT MLP adapter uses ReLU)."""
+
+
+Projection = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""down(x, A_g) -> h (tokens, r): how a site applies an A group to its input, one row per output position."""
+
+
+def linear_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """h = x A^T for x (..., d_in), flattened to (tokens, r)."""
+    return F.linear(x.reshape(-1, x.shape[-1]), a)
 
 
 SLOT_ATTR = "lily_parallel"
@@ -45,28 +59,36 @@ class LilyBranch(nn.Module):
         self.group = group
         self.routing = routing
         self.scaling = scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.activation = ACTIVATIONS[activation]() if activation else nn.Identity()
+        self.dropout = dropout
+        self.activation = activation
         self.router = make_router(routing, bank.r, bank.num_B, device=bank.B.device, dtype=bank.B.dtype)
         object.__setattr__(self, "bank", bank)
 
-    def low_rank(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, experts): this layer's hidden h = dropout(x) A_g^T and the B experts, on x's device."""
+    def low_rank(self, x: torch.Tensor, down: Projection = linear_down) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, experts): this layer's hidden h = phi(dropout(x) A_g^T), (tokens, r), and the B experts, on x's
+        device.
+
+        `down` applies A_g: a linear map, or an adapted conv's own (`LilyLayer.down`)."""
         bank = self.bank
         a, experts = bank.A[self.group], bank.B
         if a.device != x.device:  # a model split over devices: the shared bank lives on one of them
             a, experts = a.to(x.device), experts.to(x.device)
-        x = self.dropout(x)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
-        return self.activation(F.linear(x, a)), experts
+        h = down(x, a)
+        return (ACTIVATIONS[self.activation](h) if self.activation else h), experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The unscaled update sum_e w_e (h B_e^T) for input x."""
-        h, experts = self.low_rank(x)
+    def forward(self, x: torch.Tensor, base: torch.Tensor, down: Projection = linear_down) -> torch.Tensor:
+        """base + s * sum_e w_e (h B_e^T): the update for input x added to `base`, the base layer's output
+        (features last, one position per row of h; see `low_rank` for `down`), in base's dtype."""
+        h, experts = self.low_rank(x, down)
         mask = attention_mask() if self.routing == "sample" else None
-        weights = expert_weights(self.routing, h, self.router, self.bank.num_B, mask)
-        return apply_experts(self.routing, h, experts, weights)
+        dtype = base.dtype
+        if dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            base = base.to(h.dtype)  # added in the adapter's precision, rounded once
+        return add_experts(self.routing, base, h, self.router, experts, self.scaling, mask).to(dtype)
 
     def fixed_weights(self) -> torch.Tensor:
         """The input-independent expert weights (E,) of "static"/"uniform" routing; MergeError otherwise."""
@@ -74,9 +96,13 @@ class LilyBranch(nn.Module):
         return expert_weights(self.routing, self.bank.B, self.router, self.bank.num_B)  # fixed modes: h unused
 
     def update_factors(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s * B~, A): the update s * B~ A of this layer, as (d_out x r) @ (r x d_in), for expert weights (E,)."""
+        """(s * B~, A): the update s * B~ A of this layer, as (d_out x r) @ (r x fan_in), for expert weights (E,).
+
+        A conv's A kernel (r x d_in x k x k) is flattened to r x (d_in * k * k), the layout of its weight's rows.
+        """
         bank = self.bank
-        return self.scaling * mix_experts(weights.to(bank.B), bank.B.detach()), bank.A[self.group].detach()
+        up = self.scaling * mix_experts(weights.to(bank.B), bank.B.detach())
+        return up, bank.A[self.group].detach().flatten(1)
 
     def extra_repr(self) -> str:
         return f"group={self.group}, routing={self.routing!r}, scaling={self.scaling}"
@@ -101,7 +127,12 @@ class LilySite(nn.Module):
 
 
 class LilyLayer(LilySite):
-    """Wraps a frozen `base_layer` (nn.Linear or Conv1D) and adds the active adapter's update to its output."""
+    """Wraps a frozen `base_layer` (nn.Linear, possibly bitsandbytes-quantized; Conv1D; nn.Conv2d) and adds the
+    active adapter's update to its output.
+
+    The base layer computes W x itself (a quantized one from its quantized weight, in its compute dtype); the
+    update is computed from x in the adapter's dtype and added in the output's dtype.
+    """
 
     def __init__(self, base_layer: nn.Module, kind: str) -> None:
         super().__init__()
@@ -117,18 +148,36 @@ class LilyLayer(LilySite):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def down(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """h = x A^T, (tokens, r). A Conv2d applies its A kernel as the base conv applies its weight (stride,
+        padding, padding mode, dilation): one token per output position, in (N, H', W') order; an unbatched
+        image counts as a batch of one."""
+        if self.kind != "conv2d":
+            return linear_down(x, a)
+        h = self.base_layer._conv_forward(x if x.dim() == 4 else x.unsqueeze(0), a, None)
+        return h.movedim(1, -1).reshape(-1, a.shape[0])
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         if self.active is None or self.merged is not None:
             return out
         branch = self.adapters[self.active]
-        return torch.add(out, branch(x).to(out.dtype), alpha=branch.scaling)
+        if self.kind != "conv2d":
+            return branch(x, out, self.down)
+        images = out if out.dim() == 4 else out.unsqueeze(0)
+        adapted = branch(x, images.movedim(1, -1), self.down).movedim(-1, 1).reshape(out.shape)  # channels first
+        return adapted.contiguous() if out.is_contiguous() else adapted
+
+    def weight_delta(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """up @ down (d_out x fan_in, from `LilyBranch.update_factors`) in the layout of the base weight: (out, in)
+        for Linear, (in, out) for Conv1D, (out, in, k, k) for Conv2d."""
+        delta = up @ down
+        return delta.T if self.kind == "conv1d" else delta.reshape(self.base_layer.weight.shape)
 
     def _fold(self, up: torch.Tensor, down: torch.Tensor, sign: float) -> None:
-        """Add sign * up @ down to the base weight, in its layout ((out, in) Linear, (in, out) Conv1D)."""
-        delta = up @ down
+        """Add sign * up @ down to the base weight."""
         base = self.base_layer.weight
-        base.add_((delta if self.kind == "linear" else delta.T).to(base.dtype), alpha=sign)
+        base.add_(self.weight_delta(up, down).to(base.dtype), alpha=sign)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -181,21 +230,24 @@ class ParallelSlot(LilySite):
                 sink.register_forward_hook(self._add_captured),
             ]
 
-    def update(self, x: torch.Tensor) -> torch.Tensor | None:
-        """s * (the active branch's output) for block input x, or None when no adapter runs here."""
-        if self.active is None:
-            return None
-        branch = self.adapters[self.active]
-        return branch(x) * branch.scaling
-
     def _add(self, module: nn.Module, x: torch.Tensor | None, output: Any) -> torch.Tensor | None:
         if x is None or self.active is None:
             return None
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"a parallel adapter needs a tensor output, but {type(module).__name__} returned "
-                            f"{type(output).__name__}; choose a sink module that returns a tensor.")  # fmt: skip
-        update = self.update(x)
-        return output if update is None else output + update.to(output.dtype)
+            raise TargetError(
+                f"the parallel adapter reading '{self.source}' needs a tensor output, but its sink "
+                f"({type(module).__name__}) returned {type(output).__name__}; point parallel_modules at a block that "
+                "returns a tensor (e.g. 'mlp')."
+            )
+        branch = self.adapters[self.active]
+        shape = (*x.shape[:-1], branch.bank.out_features)
+        if output.shape != shape:
+            raise TargetError(
+                f"the parallel adapter reading '{self.source}' makes an update of shape {shape}, but its "
+                f"sink ({type(module).__name__}) returns shape {tuple(output.shape)}; point parallel_modules at a "
+                "block whose output has its input's shape (e.g. 'mlp')."
+            )
+        return branch(x, output)
 
     def _add_from_args(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
         return self._add(module, block_input(args, kwargs), output)

@@ -7,6 +7,7 @@ from torch import nn
 from lily.adapter import get_adapter, get_adapters, lily_layers, original_module
 from lily.errors import MergeError
 from lily.layer import LilyLayer
+from lily.plan import quantization
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -27,7 +28,7 @@ def require_mergeable(model: nn.Module) -> None:
     """Raise MergeError unless the active adapter can be folded into base weights that belong to its layers alone.
 
     A weight shared with another module (a language-model head tied to the input embeddings) would carry
-    the update into that module too, so it is refused.
+    the update into that module too, so it is refused; so is a quantized (bitsandbytes) weight.
     """
     get_adapter(model).require_mergeable()
     owners: dict[int, list[str]] = {}
@@ -36,6 +37,14 @@ def require_mergeable(model: nn.Module) -> None:
             owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
     for layer_name, layer in lily_layers(model):
         if isinstance(layer, LilyLayer) and layer.active is not None:
+            quantized = quantization(layer.base_layer)
+            if quantized is not None:
+                raise MergeError(
+                    f"'{layer_name}' is a bitsandbytes {type(layer.base_layer).__name__} ({quantized}): folding the "
+                    "update into its weight would mean dequantizing and quantizing again, which rounds most of the "
+                    "update away. Run the adapter unmerged, or load the base model unquantized, load the adapter "
+                    "onto it (lily.load_adapter) and merge there."
+                )
             names = owners[id(layer.base_layer.weight)]
             if len(names) > 1:
                 others = [n for n in names if not n.startswith(layer_name + ".")]

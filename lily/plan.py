@@ -1,11 +1,12 @@
 """Find the layers to adapt, form target types, and split each type's layers into A groups.
 
-A *target type* is (matched target name, weight shape): all its layers share one set of A groups and
-one set of B experts. Layer order is module order in the model. Nothing here touches the model.
+A *target type* is (matched target name, weight shape, and for a conv its kernel size): all its layers share
+one set of A groups and one set of B experts. Layer order is module order in the model. Nothing here touches the model.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import regex
+import torch
 from torch import nn
 
 from lily.config import LilyConfig
@@ -48,6 +50,8 @@ class TargetType:
     sources: tuple[str, ...] = ()
     """Parallel types: the module whose input each adapter reads (the sink itself for a plain block)."""
     activation: str | None = None
+    kernel_size: tuple[int, ...] = ()
+    """Conv2d types: the kernel size of the layers (and of their A groups); () otherwise."""
 
     @property
     def num_layers(self) -> int:
@@ -56,6 +60,11 @@ class TargetType:
     @property
     def num_A(self) -> int:
         return self.groups[-1] + 1
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs per output of one layer: in_features, times the kernel's positions for a conv."""
+        return self.in_features * math.prod(self.kernel_size)
 
     def group_sizes(self) -> list[int]:
         return [self.groups.count(g) for g in range(self.num_A)]
@@ -68,25 +77,61 @@ class TargetType:
             "out_features": self.out_features,
             "module_names": list(self.module_names),
             "groups": list(self.groups),
+            **({"kernel_size": list(self.kernel_size)} if self.kernel_size else {}),
             **({"r": self.r, "placement": self.placement, "sources": list(self.sources), "activation": self.activation}
                if self.placement == "parallel" else {}),
         }  # fmt: skip
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear' for nn.Linear, 'conv1d' for transformers' Conv1D (weight stored as in x out), else None."""
+    """'linear' for nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt subclass it), 'conv2d' for nn.Conv2d,
+    'conv1d' for transformers' Conv1D (weight stored as in x out), else None."""
     if isinstance(module, nn.Linear):
         return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")  # a model can only hold Conv1D if loaded
     if pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D):
         return "conv1d"
     return None
 
 
+def quantization(module: nn.Module) -> str | None:
+    """The quantization of a bitsandbytes layer: 'nf4' or 'fp4' (Linear4bit), 'int8' (Linear8bitLt); else None."""
+    bnb = sys.modules.get("bitsandbytes.nn")  # a model can only hold bitsandbytes layers if it is loaded
+    if bnb is not None and isinstance(module, bnb.Linear4bit):
+        return str(module.weight.quant_type)
+    if bnb is not None and isinstance(module, bnb.Linear8bitLt):
+        return "int8"
+    return None
+
+
+CPU_REPACKING = "support_avx512bf16_for_cpu"
+"""The attribute of a bitsandbytes Linear4bit that lets it repack its weight, in a CPU forward in eval mode without
+gradients, for an inference kernel that has no backward. Every later backward through the layer then loses the
+gradients of the adapters before it, silently; `lily.inject` turns it off on every layer of the model."""
+
+
+def repacked_for_cpu(module: nn.Module) -> bool:
+    """Whether bitsandbytes repacked `module`'s 4-bit weight for its CPU inference kernel (see CPU_REPACKING)."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
 def weight_shape(module: nn.Module, kind: str) -> tuple[int, int]:
-    """(in_features, out_features) of a supported layer."""
+    """(in_features, out_features) of a supported layer: channels for a conv; for nn.Linear its declared sizes,
+    since a quantized layer stores its weight packed (a 4-bit weight has shape (out * in / 2, 1))."""
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv2d":
+        return module.in_channels, module.out_channels
     rows, cols = module.weight.shape
-    return (cols, rows) if kind == "linear" else (rows, cols)
+    return rows, cols
+
+
+def kernel_size(module: nn.Module, kind: str) -> tuple[int, ...]:
+    """The kernel size of a conv layer, () for the other kinds."""
+    return tuple(module.kernel_size) if kind == "conv2d" else ()
 
 
 def check_adaptable(name: str, module: nn.Module) -> str:
@@ -95,18 +140,33 @@ def check_adaptable(name: str, module: nn.Module) -> str:
     if kind is None:
         raise TargetError(
             f"target_modules selected module '{name}' of type {type(module).__name__}, but lily adapts only "
-            "nn.Linear and transformers' Conv1D; narrow target_modules so it selects only such layers."
+            "nn.Linear (bitsandbytes' Linear4bit and Linear8bitLt included), nn.Conv2d and transformers' Conv1D; "
+            "narrow target_modules so it selects only such layers."
         )
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         raise TargetError(
             f"module '{name}' is the output projection of nn.MultiheadAttention, which reads its weight "
             "directly and would bypass the adapter; target other layers."
         )
-    weight = getattr(module, "weight", None)
-    if weight is None or not weight.dtype.is_floating_point or type(module).__module__.startswith("bitsandbytes"):
+    if kind == "conv2d" and module.groups != 1:
         raise TargetError(
-            f"module '{name}' ({type(module).__name__}) has a quantized or non-float weight; lily adapts only "
-            "floating-point layers."
+            f"module '{name}' is an nn.Conv2d with groups={module.groups}; lily adapts only convs with groups=1 "
+            "(a grouped or depthwise conv mixes no channels across groups). Narrow target_modules to leave it out."
+        )
+    if kind == "conv2d" and type(module).forward is not nn.Conv2d.forward:
+        raise TargetError(
+            f"module '{name}' is a {type(module).__name__}, an nn.Conv2d with its own forward (e.g. padding computed "
+            "there), so lily cannot apply its A conv with the layer's geometry; narrow target_modules to leave it out."
+        )
+    weight = getattr(module, "weight", None)
+    plain = type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype.is_floating_point
+    other_bitsandbytes = type(module).__module__.startswith("bitsandbytes")  # quantizes in its forward
+    if quantization(module) is None and (other_bitsandbytes or not plain):
+        raise TargetError(
+            f"module '{name}' ({type(module).__name__}) has a quantized or non-float weight "
+            f"({type(weight).__name__}, {getattr(weight, 'dtype', None)}); lily adapts plain floating-point weights "
+            "and bitsandbytes' Linear4bit (nf4, fp4) and Linear8bitLt. Load the model in a float dtype, or "
+            "quantize it with bitsandbytes."
         )
     return kind
 
@@ -204,7 +264,7 @@ def _example_names(model: nn.Module, limit: int = 12) -> str:
         if name and layer_kind(module) is not None:
             leaves.setdefault(name.rsplit(".", 1)[-1], name)
     if not leaves:
-        return "the model has no nn.Linear or Conv1D layers at all."
+        return "the model has no nn.Linear, nn.Conv2d or Conv1D layers at all."
     shown = ", ".join(f"'{short}' (e.g. '{full}')" for short, full in list(leaves.items())[:limit])
     return f"adaptable layers in this model include: {shown}."
 
@@ -212,7 +272,7 @@ def _example_names(model: nn.Module, limit: int = 12) -> str:
 def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
     """Find every module `config.target_modules` and `config.parallel_modules` select and group them into
     target types (layer types first, then parallel ones)."""
-    found: dict[tuple[str, int, int], list[str]] = {}
+    found: dict[tuple[str, int, int, tuple[int, ...]], list[str]] = {}
     matched_target = _target_matcher(config)
     for name, module in base_modules(model):
         if not name:
@@ -221,22 +281,22 @@ def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
         if target is None:
             continue
         kind = check_adaptable(name, module)
-        d_in, d_out = weight_shape(module, kind)
-        found.setdefault((target, d_in, d_out), []).append(name)
+        found.setdefault((target, *weight_shape(module, kind), kernel_size(module, kind)), []).append(name)
     if config.target_modules and not found:
         raise TargetError(
             f"LilyConfig.target_modules={config.target_modules!r} matched no module; " + _example_names(model)
         )
     plan: list[TargetType] = []
     used_keys: set[str] = set()
-    for (target, d_in, d_out), names in found.items():
-        key = _type_key(target, d_in, d_out, sum(t == target for t, _, _ in found), used_keys)
-        groups = split_groups(len(names), config.num_A, config.layers_per_A, f"'{target}' ({d_in}->{d_out})")
-        plan.append(TargetType(key, target, d_in, d_out, tuple(names), groups, config.r))
+    for (target, d_in, d_out, kernel), names in found.items():
+        shape = f"{d_in}x{d_out}" + (f"_k{'x'.join(map(str, kernel))}" if kernel else "")
+        key = _type_key(target, shape, sum(t == target for t, *_ in found), used_keys)
+        groups = split_groups(len(names), config.num_A, config.layers_per_A, f"'{target}' ({shape})")
+        plan.append(TargetType(key, target, d_in, d_out, tuple(names), groups, config.r, kernel_size=kernel))
     for entry in config.parallel_modules:
         blocks = _parallel_blocks(model, entry)
         for (d_in, d_out), pairs in blocks.items():
-            key = _type_key(f"parallel_{entry}", d_in, d_out, len(blocks), used_keys)
+            key = _type_key(f"parallel_{entry}", f"{d_in}x{d_out}", len(blocks), used_keys)
             groups = split_groups(len(pairs), config.num_A, config.layers_per_A, f"parallel '{entry}'")
             assert config.parallel_r is not None
             plan.append(TargetType(key, entry, d_in, d_out, tuple(sink for _, sink in pairs), groups,
@@ -245,11 +305,12 @@ def plan_targets(model: nn.Module, config: LilyConfig) -> list[TargetType]:
     return plan
 
 
-def _type_key(target: str, d_in: int, d_out: int, shapes: int, used: set[str]) -> str:
-    """A unique identifier (no dots) for a target type; the shape is added when a target has several."""
+def _type_key(target: str, shape: str, shapes: int, used: set[str]) -> str:
+    """A unique identifier (no dots) for a target type; `shape` ('64x128', or '64x128_k3x3' for a conv) is added
+    when a target has several."""
     key = re.sub(r"\W", "_", target)
     if shapes > 1:
-        key = f"{key}_{d_in}x{d_out}"
+        key = f"{key}_{shape}"
     while key in used:
         key += "_"
     used.add(key)
@@ -258,7 +319,7 @@ def _type_key(target: str, d_in: int, d_out: int, shapes: int, used: set[str]) -
 
 def _width(name: str, module: nn.Module, first: bool) -> int:
     """Input width of the first (or output width of the last) Linear/Conv1D in `module`."""
-    layers = [m for _, m in base_modules(module) if layer_kind(m) is not None]
+    layers = [m for _, m in base_modules(module) if layer_kind(m) in ("linear", "conv1d")]
     if not layers:
         raise TargetError(
             f"parallel_modules: cannot tell the {'input' if first else 'output'} width of '{name}' "

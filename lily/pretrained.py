@@ -224,9 +224,8 @@ def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if site.active is not None and site.merged is None:
             branch = site.adapters[site.active]
             up, down = branch.update_factors(branch.fixed_weights())
-            delta = up @ down if site.kind == "linear" else (up @ down).T
             weight = site.base_layer.weight
-            merged[f"{name}.base_layer.weight"] = weight + delta.to(weight.dtype)
+            merged[f"{name}.base_layer.weight"] = weight + site.weight_delta(up, down).to(weight.dtype)
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith(tuple(dropped)):

@@ -1,7 +1,7 @@
 r"""Routing: from a layer's low-rank hidden h = x A_g^T to its mixture of the B experts.
 
-Notation: h has shape (..., r); the router R_l (E x r, one per layer) gives per-token probabilities
-p = softmax(h R_l^T) over the E experts; the layer's update is delta = sum_e w_e (h B_e^T).
+Notation: h has one row per position, (tokens, r); the router R_l (E x r, one per layer) gives per-token
+probabilities p = softmax(h R_l^T) over the E experts; the layer's update is delta = sum_e w_e (h B_e^T).
 
 ===========  ==========================================================  ==========================
 mode         expert weights w                                            properties
@@ -16,9 +16,10 @@ mode         expert weights w                                            propert
                                                                          experts stay identical
 ===========  ==========================================================  ==========================
 
-Pooled modes mix the experts once per layer ("batch") or once per example ("sample") and then apply
-one r x d_out map, costing about what LoRA's up-projection costs. "token" applies all E experts to
-every token as one (E*r) x d_out matmul.
+`add_experts` adds the update to the base layer's output in one matmul per layer. Pooled modes mix the
+experts first: one d_out x r map per layer ("batch", "static", "uniform") or per example ("sample", a
+batched matmul), costing about what LoRA's up-projection costs. "token" scales h by each expert's weight
+and applies all E experts to every token as one (E*r) x d_out map.
 """
 
 from __future__ import annotations
@@ -65,21 +66,19 @@ def make_router(
     return None
 
 
-def _sample_view(h: torch.Tensor) -> torch.Tensor:
-    """h as (examples, positions, r); a 1-D h is one example with one position."""
-    if h.dim() == 1:
-        return h.reshape(1, 1, -1)
-    return h.reshape(h.shape[0], -1, h.shape[-1])
-
-
 def expert_weights(
-    mode: str, h: torch.Tensor, router: torch.Tensor | None, num_B: int, mask: torch.Tensor | None = None
+    mode: str,
+    h: torch.Tensor,
+    router: torch.Tensor | None,
+    num_B: int,
+    mask: torch.Tensor | None = None,
+    examples: int = 1,
 ) -> torch.Tensor:
-    """Expert weights for hidden `h` (..., r).
+    """Expert weights for hidden `h` (tokens, r).
 
-    Shapes: (E,) for "batch", "static" and "uniform"; (examples, E) for "sample"; (..., E) for "token".
-    "static" and "uniform" read only the device and dtype of `h`.
-    `mask` (examples, positions), used by "sample" only, marks the positions that count.
+    Shapes: (E,) for "batch", "static" and "uniform"; (examples, E) for "sample", whose tokens are `examples`
+    runs of equally many positions; (tokens, E) for "token". "static" and "uniform" read only the device and
+    dtype of `h`. `mask` (examples, positions), used by "sample" only, marks the positions that count.
     """
     if mode == "uniform":
         return torch.full((num_B,), 1.0 / num_B, device=h.device, dtype=h.dtype)
@@ -89,28 +88,50 @@ def expert_weights(
     if mode == "token":
         return probs
     if mode == "batch":
-        return probs.reshape(-1, num_B).mean(dim=0)
-    per_position = _sample_view(probs)
-    if mask is None or h.dim() != 3 or mask.shape != h.shape[:2]:
+        return probs.mean(dim=0)
+    per_position = probs.view(examples, -1, num_B)
+    if mask is None:
         return per_position.mean(dim=1)
-    keep = mask.to(per_position.dtype).unsqueeze(-1)
+    keep = mask.to(probs.dtype).unsqueeze(-1)
     return (per_position * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
 
 
 def mix_experts(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """sum_e w_e B_e for weights (..., E) and experts (E, d_out, r): one matmul, shape (..., d_out, r)."""
     num_B, d_out, r = experts.shape
-    return (weights @ experts.reshape(num_B, d_out * r)).reshape(*weights.shape[:-1], d_out, r)
+    mixed = torch.mm(weights.reshape(-1, num_B), experts.reshape(num_B, d_out * r))
+    return mixed.view(*weights.shape[:-1], d_out, r)
 
 
-def apply_experts(mode: str, h: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_e w_e (h B_e^T) for experts (E, d_out, r) and weights from `expert_weights`; returns (..., d_out)."""
+def add_experts(
+    mode: str,
+    base: torch.Tensor,
+    h: torch.Tensor,
+    router: torch.Tensor | None,
+    experts: torch.Tensor,
+    alpha: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """base + alpha * sum_e w_e (h B_e^T): the update of hidden h (tokens, r) added to `base` by one matmul.
+
+    `base` (..., d_out) is the layer's output, features last, one position per row of h. For "sample" its first
+    dim counts the examples, and `mask` (examples, positions) the positions that count when it has base's
+    leading shape (else all count). `experts` is (E, d_out, r).
+    """
     num_B, d_out, r = experts.shape
-    if mode == "token":
-        mixed_hidden = (weights.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (..., E*r)
-        return F.linear(mixed_hidden, experts.permute(1, 0, 2).reshape(d_out, num_B * r))
-    if mode == "sample":
-        per_example = mix_experts(weights, experts).to(h.dtype)  # (examples, d_out, r)
-        out = torch.bmm(_sample_view(h), per_example.transpose(1, 2))
-        return out.reshape(*h.shape[:-1], d_out)
-    return F.linear(h, mix_experts(weights, experts))
+    if mode == "sample":  # one mix per example, applied by one batched matmul
+        examples = base.shape[0] if base.dim() > 1 else 1
+        if mask is not None and (base.dim() != 3 or mask.shape != base.shape[:2]):
+            mask = None
+        mixed = mix_experts(expert_weights(mode, h, router, num_B, mask, examples), experts)
+        out = torch.baddbmm(base.reshape(examples, -1, d_out), h.view(examples, -1, r), mixed.mT, alpha=alpha)
+        return out.view(base.shape)
+    if mode == "token":  # h scaled by each expert's weight; all E experts applied as one (E*r) x d_out map
+        weights = expert_weights(mode, h, router, num_B)
+        hidden = (weights.unsqueeze(-1) * h.unsqueeze(-2)).view(-1, num_B * r)
+        up = experts.permute(1, 0, 2).reshape(d_out, num_B * r)  # copied in r-long runs, far cheaper than B^T's
+    elif mode == "uniform":  # the experts' mean: their sum, 1/E folded into alpha
+        hidden, up, alpha = h, experts.sum(dim=0), alpha / num_B
+    else:  # "batch", "static": one mix per call
+        hidden, up = h, mix_experts(expert_weights(mode, h, router, num_B), experts)
+    return torch.addmm(base.reshape(-1, d_out), hidden, up.t(), alpha=alpha).view(base.shape)

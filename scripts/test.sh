@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 bash scripts/install_assets.sh text  # small real assets, so their loaders are tested too
-python -m ruff check lily tests benchmarks
-python -m ruff format --check lily tests benchmarks
-python -m pytest -q "$@"
+"$VENV/bin/python" -m ruff check lily tests benchmarks
+"$VENV/bin/python" -m ruff format --check lily tests benchmarks
+"$VENV/bin/python" -m pytest -q "$@"

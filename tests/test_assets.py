@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import io
+import sys
 
 import numpy as np
 import pytest
@@ -37,6 +39,36 @@ def test_dinov2_weights_are_recovered_from_an_onnx_graph(tmp_path):
     assert np.array_equal(state["encoder.layer.0.attention.attention.query.weight"], w.T)
     assert np.array_equal(state["encoder.layer.0.attention.attention.query.bias"], b)
     assert np.array_equal(state["embeddings.position_embeddings"], np.concatenate([pos, patches], axis=1))
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_building_a_bundled_model_shows_its_stages_and_leaves_nothing_when_stopped(tmp_path, monkeypatch):
+    monkeypatch.setenv("LILY_CACHE", str(tmp_path))
+    monkeypatch.setattr(sys, "stderr", Terminal())
+
+    def build(out, stage):
+        stage("reading")
+        stage("writing")
+        (out / "config.json").write_text("{}")
+
+    assert assets._cached("fake", build, stages=2) == tmp_path / "fake"
+    shown = sys.stderr.getvalue()
+    assert f"building fake once (cached in {tmp_path})" in shown and "1/2" in shown and "2/2" in shown
+    assert "writing" in shown
+    assert assets._cached("fake", None, stages=2) == tmp_path / "fake"  # built once
+
+    def interrupted(out, stage):
+        stage("reading")
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        assets._cached("other", interrupted, stages=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["fake"]
 
 
 def test_missing_asset_package_says_how_to_install(monkeypatch):

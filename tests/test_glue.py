@@ -214,10 +214,12 @@ class _Table(list):
 
 @pytest.fixture
 def fake_hub(monkeypatch):
-    """`datasets.load_dataset` serving MRPC as nyu-mll/glue lays it out: ClassLabel ids, a test split labelled -1."""
+    """`datasets.load_dataset` serving MRPC as nyu-mll/glue lays it out: ClassLabel ids, a test split labelled -1.
+    HF_HUB_OFFLINE=1, as a user with a populated cache has it, so no network probe runs."""
     import sys
     import types
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     calls = []
 
     def load_dataset(name, config=None):

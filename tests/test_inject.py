@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import lily
@@ -218,3 +219,27 @@ def test_trainable_modules_errors():
         lily.inject(tiny_bert(), lily.LilyConfig(target_modules=["query"], trainable_modules=["self"]))
     with pytest.raises(lily.ConfigError, match="trainable_modules"):
         lily.LilyConfig(target_modules=["query"], trainable_modules="classifier")
+
+
+def test_clip_towers_with_the_same_names_at_different_widths_get_separate_types(tmp_path):
+    cfg = transformers.CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 16},
+        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 16, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(cfg).eval()
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "v_proj"], r=4, num_A=1, routing="sample"))
+    plan = {(t.target, t.in_features) for t in lily.get_adapter(model).plan}
+    assert plan == {("q_proj", 32), ("q_proj", 48), ("v_proj", 32), ("v_proj", 48)}
+    randomize_adapter(model)
+    inputs = {"input_ids": torch.randint(0, 64, (2, 7)), "pixel_values": torch.randn(2, 3, 16, 16)}
+    with torch.no_grad():
+        out = model(**inputs).logits_per_image
+    lily.save_adapter(model, tmp_path)
+    torch.manual_seed(0)
+    fresh = lily.load_adapter(transformers.CLIPModel(cfg).eval(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits_per_image, out)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lily.cli import main
-from lily.recipes import defaults, vtab
+from lily.recipes import defaults, dreambooth, names, own_command, vtab
 from lily.train.config import TrainConfig
 from lily.train.data import DataError, load_task_data
 from lily.train.loop import lr_factor
@@ -102,3 +102,14 @@ def test_export_fashion_writes_a_loadable_vtab_folder(tmp_path):
     assert data.sizes() == {"train": 100, "validation": 0, "test": 10} and len(data.labels) == 10
     image, _ = data.splits["train"][0]
     assert Path(image).is_file()
+
+
+def test_recipe_help_lists_every_recipe_and_own_commands_take_their_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipe", "--help"])
+    shown = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(f"\n{name}: " in shown for name in names())
+    assert {"mamba-commonsense", "dreambooth-sdxl"} <= set(names())
+    # DreamBooth trains a diffusers UNet, no `lily train` task: `lily recipe` hands it its own flags
+    assert own_command("dreambooth-sdxl") is dreambooth.run_recipe
+    assert own_command("vtab") is None and own_command("--help") is None

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from lily.cli import main
 from lily.train.config import TrainConfig
+from lily.train.console import Interrupted
 from lily.train.loop import train
 
 SMALL = {"epochs": 2, "batch_size": 8, "max_train_samples": None, "max_eval_samples": None, "max_test_samples": None}
@@ -38,7 +39,7 @@ def test_text_classification_end_to_end(tiny_bert_dir, text_csv, tmp_path, capsy
     assert json.loads((out / "metrics.json").read_text())["test"] == metrics["test"]
     card = (out / "adapter" / "README.md").read_text()
     assert "library_name: lily" in card and f"test accuracy: {metrics['test']:.4f}" in card
-    assert f"lily train --model {tiny_bert_dir} --data {text_csv}" in card and "--lr 0.01" in card
+    assert f"lily train --data {text_csv} " in card and f" --model {tiny_bert_dir} " in card and "--lr 0.01" in card
     assert main(["eval", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"test accuracy: {metrics['test']:.4f}"
     assert main(["predict", str(out), "the car is good", "what a bad day"]) == 0
@@ -111,11 +112,11 @@ def test_resume_after_ctrl_c_equals_uninterrupted_run(tiny_bert_dir, text_csv, t
     reference = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "a", **kw), log=quiet)
     with monkeypatch.context() as m:
         _interrupt_after(m, 14)  # mid second epoch (10 batches per epoch)
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(Interrupted, match=r"checkpoint saved at step \d+ in .*; continue with --resume"):
             train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "b", **kw), log=quiet)
-    assert stop.value.code == 130
     resumed = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "b", resume=True, **kw), log=quiet)
-    assert resumed["history"] == reference["history"]
+    for curve in ("history", "loss_curve", "val_curve"):
+        assert resumed[curve] == reference[curve], curve
     assert resumed["test"] == reference["test"]
     a, b = (load_file(tmp_path / d / "adapter" / "lily_adapter.safetensors") for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -187,7 +188,8 @@ def test_fsdp_under_torchrun_trains_like_ddp_and_resumes(tiny_bert_dir, text_csv
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert max(a[k].abs().max().item() for k in a if k.endswith(".B")) > 1e-3  # B moved away from its zero start
     assert fsdp["test"] == pytest.approx(ddp["test"]) and fsdp["best_val"] == pytest.approx(ddp["best_val"])
-    resumed = run(tmp_path / "fsdp", "--fsdp", "--resume")  # every step done: loads the checkpoint, tests again
+    (tmp_path / "fsdp" / "metrics.json").unlink()  # as if stopped while testing: every step done and checkpointed
+    resumed = run(tmp_path / "fsdp", "--fsdp", "--resume")  # loads the checkpoint, tests again
     assert resumed["test"] == pytest.approx(fsdp["test"])
 
 
@@ -197,3 +199,89 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_options(tiny_bert_dir, 
     metrics = train(cfg, log=quiet)
     assert metrics["config"]["mixed_precision"] == "bf16" and 0 <= metrics["test"] <= 1
     assert all(h["train_loss"] == h["train_loss"] for h in metrics["history"])  # finite, not NaN
+
+
+def test_first_run_after_building_a_bundled_model_equals_every_later_run(tiny_bert_dir, text_csv, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    """The first use of a bundled model builds it (drawing random numbers, as a real conversion does); the run
+    is seeded after that, so it equals the next run with the same seed, which finds the model built."""
+    import random
+    import shutil
+
+    import numpy as np
+
+    from lily import assets
+
+    def tiny() -> Path:
+        def build(out: Path, stage) -> None:
+            stage("converting")
+            torch.randn(1000), random.random(), np.random.rand(10)
+            shutil.copytree(tiny_bert_dir, out, dirs_exist_ok=True)
+
+        return assets._cached("tiny-bert", build, stages=1)
+
+    monkeypatch.setenv("LILY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(assets.MODELS, "tiny", tiny)
+    kw = {"epochs": 1, "adapter_dropout": 0.1, "max_train_samples": 32}
+    first = train(text_cfg("tiny", text_csv, tmp_path / "first", **kw), log=quiet)
+    assert (tmp_path / "cache" / "tiny-bert" / "config.json").is_file()
+    later = train(text_cfg("tiny", text_csv, tmp_path / "later", **kw), log=quiet)
+    for key in ("test_before", "loss_curve", "history", "test"):
+        assert first[key] == later[key], key
+    a, b = (load_file(tmp_path / d / "adapter" / "lily_adapter.safetensors") for d in ("first", "later"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plot_has_loss_per_logged_step_validation_and_reference_lines(tiny_bert_dir, text_csv, tmp_path):
+    from lily.train.outputs import baseline_run, plot_figure, reference_runs
+
+    few = {"epochs": 1, "max_train_samples": 16}
+    lora = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "lora", method="lora", **few), log=quiet)
+    said = []
+    cfg = text_cfg(tiny_bert_dir, text_csv, tmp_path / "lily", max_train_samples=40, log_every=3, eval_every=2)
+    metrics = train(cfg, log=said.append)
+    logged = [3, 6, 9, 10]  # 5 steps per epoch, and the last step
+    assert [p["step"] for p in metrics["loss_curve"]] == logged
+    assert [p["step"] for p in metrics["val_curve"]] == [2, 4, 5, 6, 8, 10]  # step 10: once, not twice
+    assert [h["val_metric"] for h in metrics["history"]] == [p["val_metric"] for p in metrics["val_curve"] if
+                                                             p["step"] in (5, 10)]  # fmt: skip
+    assert metrics["references"] == [{"method": "lora", "test": lora["test"], "run": str(tmp_path / "lora")}]
+    assert sum(line.startswith("step ") and "training loss" in line for line in said) == len(logged)  # no terminal
+    loss_axis, metric_axis = plot_figure(metrics, metrics["references"]).axes
+    assert list(loss_axis.lines[0].get_xdata()) == logged
+    assert list(metric_axis.lines[0].get_ydata()) == [p["val_metric"] for p in metrics["val_curve"]]
+    legend = [t.get_text() for t in metric_axis.get_legend().get_texts()]
+    assert f"test, untrained (step 0): {metrics['test_before']:.4f}" in legend
+    assert f"test, lora: {lora['test']:.4f}" in legend
+    assert (tmp_path / "lily" / "plot.png").stat().st_size > 20_000
+    elsewhere = text_cfg(tiny_bert_dir, text_csv, tmp_path / "elsewhere" / "run",
+                         baseline=str(tmp_path / "lora" / "metrics.json"))  # fmt: skip
+    assert [r["test"] for r in reference_runs(Path(elsewhere.output_dir), elsewhere, baseline_run(elsewhere))] == [
+        lora["test"]]  # fmt: skip
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_bert_dir, text_csv, tmp_path):
+    out, few = tmp_path / "run", {"epochs": 1, "max_train_samples": 16}
+    first = train(text_cfg(tiny_bert_dir, text_csv, out, **few), log=quiet)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    said = []
+    again = train(text_cfg(tiny_bert_dir, text_csv, out, resume=True, **few), log=said.append)
+    assert again["test"] == first["test"] and again["history"] == first["history"]
+    assert said == [f"the run in {out} is finished (test accuracy {first['test']:.4f}); nothing to resume, nothing "
+                    "changed."]  # fmt: skip
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_broken_matplotlib_fails_before_anything_is_loaded_or_trained(tiny_bert_dir, text_csv, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    import sys
+
+    from lily.train import loop
+    from lily.train.outputs import PlotError
+
+    loaded = []
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # as an import that fails
+    monkeypatch.setattr(loop, "load_task_data", loaded.append)
+    with pytest.raises(PlotError, match=r"plot\.png needs matplotlib's Agg backend, which cannot be loaded"):
+        train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "out"), log=quiet)
+    assert not loaded and not (tmp_path / "out").exists()

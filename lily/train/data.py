@@ -31,6 +31,7 @@ from lily.train.files import (
     split_files,
     vtab_lists,
 )
+from lily.train.online import offline_flag, offline_reason
 
 
 @dataclass
@@ -104,9 +105,18 @@ def _hub_records(cfg: TrainConfig) -> tuple[dict[str, list[dict[str, Any]]], lis
             f"'{cfg.data}' is neither a bundled dataset ({', '.join(BUNDLED)}) nor a local path; to load it from "
             "the Hugging Face Hub, pip install datasets."
         ) from exc
+    reason = offline_reason()
+    unreachable = (
+        f"dataset '{cfg.data}' is not bundled and the Hugging Face Hub is unreachable ({reason}); bundled datasets "
+        f"are: {', '.join(BUNDLED)} (or give a local file or folder)"
+    )
+    if reason is not None and not offline_flag():
+        raise DataError(f"{unreachable}. With HF_HUB_OFFLINE=1 a copy in the local Hub cache is used.")
     try:
         loaded = datasets.load_dataset(cfg.data, cfg.dataset_config)
     except Exception as exc:  # datasets raises many types for unknown ids and offline use
+        if reason is not None:
+            raise DataError(f"{unreachable}, nor is it in the local Hub cache.") from exc
         config = f" (configuration {cfg.dataset_config})" if cfg.dataset_config else ""
         raise DataError(
             f"cannot load dataset '{cfg.data}'{config}: not a local path and not loadable from the Hub ({exc})."

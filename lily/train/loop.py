@@ -1,9 +1,12 @@
 """`train`: fine-tune, evaluate and save one run, on top of `accelerate`.
 
-The story of a run: check the output directory, load data and model, apply the method, evaluate the
-untouched model on the test split (step 0), train with periodic validation keeping the best weights,
-then test the best weights and write metrics.json and plot.png. A checkpoint is written at the end of
-every epoch and on Ctrl-C; `resume=True` continues from it with the same result as an uninterrupted run.
+The story of a run: check the output directory and that plot.png can be drawn, find the model (building a
+bundled one on first use; a Hub id fails at once offline), load the data, seed, build the model and apply the
+method, evaluate the untouched model on the test split (step 0), train with periodic validation keeping the
+best weights, then test the best weights and write metrics.json and plot.png. A checkpoint is written at the
+end of every epoch and on Ctrl-C; `resume=True` continues from it with the same result as an uninterrupted
+run, and on a finished run changes nothing. Ctrl-C anywhere raises `Interrupted`, whose message says what
+was kept; every phase that takes a while shows a progress bar on a terminal.
 
 The output directory is checked first but written (and, to start again, cleared) only once data, model and
 method are ready. An optimizer step whose gradients hold inf or NaN is skipped; `MAX_SKIPPED_STEPS` in a row
@@ -27,6 +30,7 @@ from lily.distributed import fully_shard_blocks, is_sharded, reshard
 from lily.errors import LilyError
 from lily.hub import write_model_card
 from lily.train.config import TrainConfig
+from lily.train.console import Interrupted, progress_bar
 from lily.train.data import load_task_data
 from lily.train.methods import (
     apply_method,
@@ -39,16 +43,20 @@ from lily.train.outputs import (
     ADAPTER_DIR,
     METRICS_FILE,
     Progress,
+    baseline_run,
     check_output_dir,
+    check_plotting,
     claim_output_dir,
     load_checkpoint,
+    read_metrics,
+    reference_runs,
     rng_state,
     save_checkpoint,
     set_rng_state,
     write_json_atomic,
     write_plot,
 )
-from lily.train.tasks import Task, build_task, head_modules
+from lily.train.tasks import Task, build_task, head_modules, locate_model
 
 
 class TrainingError(LilyError, RuntimeError):
@@ -88,8 +96,10 @@ def lr_factor(total: int, warmup: int, schedule: str, floor: float):
     return factor
 
 
-def evaluate(task: Task, model: torch.nn.Module, loader: DataLoader, accelerator: Any) -> float:
-    """The task metric over a whole split, from per-example statistics gathered over processes.
+def evaluate(task: Task, model: torch.nn.Module, loader: DataLoader, accelerator: Any, desc: str | None = None
+             ) -> float:  # fmt: skip
+    """The task metric over a whole split, from per-example statistics gathered over processes; `desc` names
+    a progress bar over the batches (on the main process, on a terminal).
 
     `gather_for_metrics` drops the duplicates accelerate pads the last batch with, so every example
     counts exactly once however many processes share the split.
@@ -99,7 +109,7 @@ def evaluate(task: Task, model: torch.nn.Module, loader: DataLoader, accelerator
     dtype = torch.float32 if accelerator.device.type == "mps" else torch.float64  # MPS has no float64
     totals = None
     with torch.no_grad():
-        for batch in loader:
+        for batch in progress_bar(loader, desc=desc, show=desc is not None and accelerator.is_main_process):
             sums = accelerator.gather_for_metrics(task.example_scores(model, batch).to(dtype)).sum(dim=0)
             totals = sums if totals is None else totals + sums
     model.train(was_training)
@@ -165,8 +175,27 @@ def _oom_message(cfg: TrainConfig) -> str:
     )
 
 
+@dataclasses.dataclass
+class _Kept:
+    """What Ctrl-C leaves at the current phase of a run (the message of `Interrupted`)."""
+
+    message: str
+
+
 def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
-    """Run `cfg` end to end and return the metrics written to metrics.json."""
+    """Run `cfg` end to end and return the metrics written to metrics.json (on a finished run with `resume`,
+    those it holds). Ctrl-C raises `Interrupted`, saying what was kept: a checkpoint during training."""
+    kept = _Kept(f"nothing was written to {cfg.output_dir}." if not cfg.resume else
+                 f"the run in {cfg.output_dir} is unchanged; continue it with --resume.")  # fmt: skip
+    try:
+        return _train(cfg, log, kept)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(kept.message) from None
+
+
+def _train(cfg: TrainConfig, log: Any, kept: _Kept) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -185,9 +214,17 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         )
     out = check_output_dir(cfg)  # writes nothing: the directory is claimed once the run can start
     log = log if accelerator.is_main_process else (lambda *a, **k: None)
-    set_seed(cfg.seed)
+    finished = read_metrics(out) if cfg.resume else None
+    if finished is not None:
+        log(f"the run in {out} is finished (test {finished['metric']} {finished['test']:.4f}); nothing to resume, "
+            "nothing changed.")  # fmt: skip
+        return finished
+    check_plotting()
+    baseline = baseline_run(cfg)
+    locate_model(cfg.model)  # a bundled model is built now, before seeding: the first run equals every later one
     data = load_task_data(cfg)
     log(f"data {data.source}: " + ", ".join(f"{k} {v:,}" for k, v in data.sizes().items()))
+    set_seed(cfg.seed)  # right before the model, its new head and the method draw random numbers
     task = build_task(cfg, data)
     head = head_modules(task.model)
     model, info = apply_method(cfg, task.model, head)
@@ -232,6 +269,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     if accelerator.is_main_process:
         claim_output_dir(cfg)
     accelerator.wait_for_everyone()
+    if not cfg.resume:
+        kept.message = f"stopped before training began; run the same command again to start over in {out}."
 
     progress = Progress()
     if cfg.resume:
@@ -243,12 +282,13 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         set_rng_state(state["rng"])
         log(f"resumed at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch})")
     else:
-        progress.test_before = evaluate(task, model, test_loader, accelerator)
+        progress.test_before = evaluate(task, model, test_loader, accelerator, desc="scoring test, untrained")
         log(f"test {task.metric_name} before training (step 0): {progress.test_before:.4f}")
 
     def snapshot() -> tuple[Progress, dict]:
         """Progress and RNG state at an optimizer-step boundary: what a checkpoint written later must hold."""
-        return dataclasses.replace(progress, history=list(progress.history)), rng_state()
+        lists = {name: list(getattr(progress, name)) for name in ("history", "loss_curve", "val_curve")}
+        return dataclasses.replace(progress, **lists), rng_state()
 
     synced, synced_rng = snapshot()
     started = time.perf_counter() - progress.wall_time
@@ -272,7 +312,10 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         accelerator.wait_for_everyone()
 
     def validate() -> float:
-        metric = evaluate(task, model, val_loader, accelerator)
+        if progress.val_curve and progress.val_curve[-1]["step"] == progress.step:  # --eval-every at an epoch end
+            return progress.val_curve[-1]["val_metric"]
+        metric = evaluate(task, model, val_loader, accelerator, desc=f"scoring {selected_on}")
+        progress.val_curve.append({"step": progress.step, "val_metric": metric})
         if _better(task, metric, progress.best_metric):
             refuse_nonfinite(((n, p) for n, p in reshard(unwrapped).named_parameters() if p.requires_grad),
                              progress.step)  # fmt: skip
@@ -291,10 +334,9 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         shown = "not evaluated" if val is None else f"{val:.4f}"
         log(f"epoch {progress.epoch + 1}: train loss {loss:.4f}, {selected_on} {task.metric_name} {shown}")
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=progress.step, desc=f"{cfg.method} {cfg.task}", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+    bar = progress_bar(desc=f"{cfg.method} {cfg.task}", total=total, unit="step", leave=True,
+                       show=accelerator.is_main_process)  # fmt: skip
+    bar.update(min(progress.step, total))  # where a resumed run stands
     skipped_in_a_row = 0
     model.train()
     try:
@@ -324,9 +366,12 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                     if finite or accelerator.scaler is not None:  # fp16: the GradScaler skips it and lowers its scale
                         optimizer.step()
                     optimizer.zero_grad()
+                value = loss.item()
                 progress.batch_in_epoch += 1
-                progress.epoch_loss_sum += loss.item()
+                progress.epoch_loss_sum += value
                 progress.epoch_batches += 1
+                progress.interval_loss_sum += value
+                progress.interval_batches += 1
                 seen += len(next(iter(batch.values())))
                 if not accelerator.sync_gradients:
                     continue
@@ -346,13 +391,18 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
                             f"{progress.step - MAX_SKIPPED_STEPS + 1} to {progress.step}, epoch {progress.epoch + 1}); "
                             f"stopped. The last good checkpoint and the best adapter are kept in {out}. {_fix(cfg)}"
                         )
-                synced, synced_rng = snapshot()
                 bar.update(1)
                 if progress.step % cfg.log_every == 0 or progress.step == total:
+                    mean = progress.interval_loss_sum / progress.interval_batches
+                    progress.loss_curve.append({"step": progress.step, "train_loss": mean})
+                    progress.interval_loss_sum, progress.interval_batches = 0.0, 0
                     rate = seen * accelerator.num_processes / (time.perf_counter() - tick)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", ex_per_s=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{mean:.4f}", ex_per_s=f"{rate:.1f}")
+                    if bar.disable:  # no terminal: a plain line instead of the bar
+                        log(f"step {progress.step}/{total}: training loss {mean:.4f}, {rate:.1f} examples/s")
                 if cfg.eval_every and progress.step % cfg.eval_every == 0:
                     validate()
+                synced, synced_rng = snapshot()
                 if progress.step >= total:
                     break
             close_epoch()
@@ -360,17 +410,18 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             progress.batch_in_epoch, progress.epoch_loss_sum, progress.epoch_batches = 0, 0.0, 0
             synced, synced_rng = snapshot()
             checkpoint(progress, synced_rng)
-    except KeyboardInterrupt:
+            kept.message = f"the checkpoint of step {progress.step} in {out} is kept; continue with --resume."
+    except KeyboardInterrupt:  # a second Ctrl-C while this saves leaves the previous checkpoint (`kept`)
         bar.close()
         checkpoint(synced, synced_rng)
-        log(f"\ninterrupted: checkpoint saved at step {synced.step} in {out}; continue with --resume.")
-        raise SystemExit(130) from None
+        raise Interrupted(f"checkpoint saved at step {synced.step} in {out}; continue with --resume.") from None
     except torch.OutOfMemoryError as exc:
         raise TrainingError(_oom_message(cfg)) from exc
     bar.close()
+    kept.message = f"training is finished and checkpointed in {out}; --resume scores the test split and saves it."
 
     restore_trained(unwrapped, cfg, out / ADAPTER_DIR)
-    test = evaluate(task, model, test_loader, accelerator)
+    test = evaluate(task, model, test_loader, accelerator, desc="scoring test")
     metrics = {
         "task": cfg.task,
         "method": cfg.method,
@@ -380,6 +431,8 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         "data": data.sizes(),
         "labels": data.labels,
         "history": progress.history,
+        "loss_curve": progress.loss_curve,
+        "val_curve": progress.val_curve,
         "test_before": progress.test_before,
         "best_val": progress.best_metric,
         "selected_on": selected_on,
@@ -392,10 +445,11 @@ def train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
         "config": cfg.to_dict(),
+        "references": reference_runs(out, cfg, baseline),
     }
     if accelerator.is_main_process:
         write_json_atomic(out / METRICS_FILE, metrics)
-        write_plot(out, progress.history, task.metric_name)
+        write_plot(out, metrics, metrics["references"])
         if cfg.method == "lily":  # the adapter folder can be pushed to the Hub as it is
             write_model_card(unwrapped, out / ADAPTER_DIR, training=_card_facts(cfg, metrics))
     log(f"test {task.metric_name}: {test:.4f} (before training, step 0: {progress.test_before:.4f})")

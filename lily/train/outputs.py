@@ -6,8 +6,9 @@ checkpoint/          the last resumable state:
   current.json         the pointer {"format": "lily-checkpoint", "version": 1, "directory": "000007", "step": ...}
   000007/              trainable.safetensors (trainable tensors), state.safetensors + state.json (optimizer,
                        scheduler, RNG states, progress; see `encode_state`)
-metrics.json         counts, per-epoch curves, test metric before and after, time, memory
-plot.png             training loss and validation metric per epoch
+metrics.json         counts, curves (training loss per logged step, validation metric per evaluation, per-epoch
+                     summaries), test metric before and after, time, memory
+plot.png             those curves, with the untrained and trained test metric and other runs' as reference lines
 
 Reading runs no code: every tensor is in a safetensors file and everything else in JSON.
 
@@ -78,6 +79,13 @@ class Progress:
     epoch_loss_sum: float = 0.0
     epoch_batches: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    """Per epoch: {"epoch", "step", "train_loss" (the epoch's mean), "val_metric" (None when not validated)}."""
+    loss_curve: list[dict[str, Any]] = field(default_factory=list)
+    """Every `log_every` steps: {"step", "train_loss"}, the mean over the batches since the previous entry."""
+    val_curve: list[dict[str, Any]] = field(default_factory=list)
+    """Every validation: {"step", "val_metric"}."""
+    interval_loss_sum: float = 0.0
+    interval_batches: int = 0
     best_metric: float | None = None
     best_step: int | None = None
     test_before: float | None = None
@@ -391,22 +399,119 @@ def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return tensors, state
 
 
-def write_plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
-    import matplotlib
+class PlotError(LilyError, RuntimeError):
+    """matplotlib cannot draw plot.png."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    epochs = [h["epoch"] for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    scored = [h for h in history if h["val_metric"] is not None]
-    right.plot([h["epoch"] for h in scored], [h["val_metric"] for h in scored], marker="o", color="tab:green")
-    right.set(xlabel="epoch", ylabel=metric, title=f"validation {metric}")
-    for axis in (left, right):
-        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    fig.tight_layout()
+def check_plotting() -> None:
+    """Load matplotlib's Agg backend, which draws plot.png, as a run starts: a broken install fails before
+    training rather than after it. Only the backend is loaded: pyplot and the user's backend are left alone."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+    except Exception as exc:  # ImportError, or a backend that fails as it loads
+        raise PlotError(
+            f"plot.png needs matplotlib's Agg backend, which cannot be loaded ({type(exc).__name__}: {exc}); "
+            "reinstall it: pip install --force-reinstall matplotlib."
+        ) from exc
+
+
+COMPARABLE = ("task", "model", "data", "dataset_config", "test_split", "split_seed", "test_fraction",
+              "max_test_samples")  # fmt: skip
+"""Options two runs share when they score the same test examples, so that their test metrics compare."""
+
+
+def read_metrics(path: Path) -> dict[str, Any] | None:
+    """The metrics.json of a finished run (`path`: its directory or the file), or None when there is none."""
+    file = path / METRICS_FILE if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        return None
+    return data if isinstance(data.get("test"), int | float) and isinstance(data.get("method"), str) else None
+
+
+def baseline_run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The metrics of the run `--baseline` names, checked as the run starts; None without `--baseline`."""
+    if cfg.baseline is None:
+        return None
+    metrics = read_metrics(Path(cfg.baseline))
+    if metrics is None:
+        raise RunDirError(f"--baseline {cfg.baseline} holds no finished lily run (a run directory or its "
+                          "metrics.json).")  # fmt: skip
+    metric = cfg.metric or "perplexity"
+    if metrics.get("metric") != metric:
+        raise RunDirError(f"--baseline {cfg.baseline} reports {metrics.get('metric')} and this run {metric}; name "
+                          "a run of the same task.")  # fmt: skip
+    return metrics
+
+
+def reference_runs(out: Path, cfg: TrainConfig, baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The finished runs whose test metric plot.png draws as a reference line: `--baseline`'s, else the newest
+    run of each other method beside `out` that scored the same test examples with the same metric."""
+    if baseline is not None:
+        return [{"method": baseline["method"], "test": baseline["test"], "run": cfg.baseline}]
+    metric = cfg.metric or "perplexity"
+    newest: dict[str, tuple[float, Path, dict[str, Any]]] = {}
+    for sibling in sorted(p for p in out.parent.iterdir() if p.is_dir() and p.name != out.name):
+        metrics = read_metrics(sibling)
+        if metrics is None or metrics["method"] == cfg.method or metrics.get("metric") != metric:
+            continue
+        if any(metrics["config"].get(k) != getattr(cfg, k) for k in COMPARABLE):
+            continue
+        written = (sibling / METRICS_FILE).stat().st_mtime
+        if metrics["method"] not in newest or written > newest[metrics["method"]][0]:
+            newest[metrics["method"]] = (written, sibling, metrics)
+    return [{"method": m, "test": metrics["test"], "run": str(path)} for m, (_, path, metrics) in newest.items()]
+
+
+def plot_figure(metrics: dict[str, Any], references: list[dict[str, Any]]) -> Any:
+    """One figure of a run: training loss per logged step (left); validation metric per evaluation, with the
+    untrained and trained test metric and the reference runs' test metric as lines (right)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    cfg, metric = metrics["config"], metrics["metric"]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_axis, metric_axis = fig.subplots(1, 2)
+    curve = metrics["loss_curve"]
+    loss_axis.plot([p["step"] for p in curve], [p["train_loss"] for p in curve], marker="." if len(curve) < 30 else "",
+                   color="tab:blue", label=f"mean over {cfg['log_every']} steps")  # fmt: skip
+    epochs = metrics["history"]
+    loss_axis.plot([h["step"] for h in epochs], [h["train_loss"] for h in epochs], marker="s", linestyle="",
+                   color="tab:orange", label="epoch mean")  # fmt: skip
+    loss_axis.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
+    val = metrics["val_curve"]
+    metric_axis.plot([p["step"] for p in val], [p["val_metric"] for p in val], marker="o", color="tab:green",
+                     label=f"{metrics['selected_on']} {metric}")  # fmt: skip
+    if metrics["best_step"] is not None:  # None when no validation gave a number (a constant output's pearson)
+        metric_axis.plot([metrics["best_step"]], [metrics["best_val"]], marker="*", markersize=14, color="tab:green",
+                         linestyle="", label=f"best, step {metrics['best_step']}")  # fmt: skip
+    lines = [("untrained (step 0)", metrics["test_before"], "0.45", "--"),
+             (f"{metrics['method']} (best step)", metrics["test"], "tab:green", ":")]  # fmt: skip
+    colors = iter(["tab:red", "tab:purple", "tab:orange", "tab:brown"])
+    lines += [(ref["method"], ref["test"], next(colors, "tab:gray"), "-.") for ref in references]
+    for label, value, color, style in lines:
+        metric_axis.axhline(value, color=color, linestyle=style, label=f"test, {label}: {value:.4f}")
+    if metric == "perplexity":
+        metric_axis.set_yscale("log")
+    metric_axis.set(xlabel="optimizer step", ylabel=metric, title=f"{metrics['selected_on']} {metric}; test as lines")
+    for axis in (loss_axis, metric_axis):
+        axis.set_xlim(0, max(1, metrics["steps"]) * 1.04)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for epoch in epochs[:-1]:
+            axis.axvline(epoch["step"], color="0.88", linewidth=0.8, zorder=0)
+        axis.legend(fontsize="small")
+    names = f"{Path(cfg['model']).name} on {Path(cfg['data']).name}"
+    fig.suptitle(f"{metrics['method']}, {names}: test {metric} {metrics['test_before']:.4f} → {metrics['test']:.4f}"
+                 + ("   (grey lines: epoch ends)" if len(epochs) > 1 else ""))  # fmt: skip
+    return fig
+
+
+def write_plot(out: Path, metrics: dict[str, Any], references: list[dict[str, Any]]) -> None:
+    """plot.png (`plot_figure`), written all or nothing."""
+    fig = plot_figure(metrics, references)
     temp = _temporary(out / PLOT_FILE)
     try:
         fig.savefig(temp, dpi=100, format="png")
@@ -414,6 +519,4 @@ def write_plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    finally:
-        plt.close(fig)
     _commit(temp, out / PLOT_FILE)

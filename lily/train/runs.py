@@ -17,7 +17,13 @@ def load_run(run_dir: str | Path) -> Task:
     directory = Path(run_dir)
     if not (directory / RUN_FILE).is_file() or not (directory / ADAPTER_DIR).is_dir():
         raise RunDirError(f"{directory} holds no finished lily run (run.json and adapter/ are needed).")
-    cfg = TrainConfig(**json.loads((directory / RUN_FILE).read_text()), output_dir=str(directory))
+    try:
+        saved = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+        cfg = TrainConfig(**{**saved, "output_dir": str(directory)})
+    except (OSError, ValueError, TypeError) as exc:  # ConfigError is a ValueError; unknown keys are a TypeError
+        raise RunDirError(
+            f"{directory / RUN_FILE} is damaged ({exc}); train the run again (lily train --overwrite ...)."
+        ) from None
     task = build_task(cfg, load_task_data(cfg))
     task.model = load_trained(task.model, cfg, directory / ADAPTER_DIR, head_modules(task.model)).eval()
     return task

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,10 @@ import torch
 from lily import assets
 from lily.errors import LilyError
 from lily.train.config import TrainConfig
+from lily.train.console import progress_bar
 from lily.train.data import TaskData
 from lily.train.metrics import Metric, make_metric
+from lily.train.online import offline_reason
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -42,15 +45,38 @@ class ModelError(LilyError, ValueError):
     """A model cannot be loaded or does not fit the data."""
 
 
-def resolve_model(name: str) -> str:
-    """A bundled model's directory, or `name` itself (a local path or a Hub id)."""
-    return str(assets.MODELS[name]()) if name in assets.MODELS else name
+def locate_model(name: str) -> str:
+    """Where to load model `name` from: a bundled model's directory (built on first use), a local directory, or
+    a Hub id. A Hub id must be reachable or in the local Hub cache, else a ModelError at once (no retries)."""
+    if name in assets.MODELS:
+        return str(assets.MODELS[name]())
+    if Path(name).exists():
+        return name
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(
+            f"cannot load model '{name}': it is not a bundled model ({', '.join(assets.MODELS)}), not an existing "
+            "local directory, and not a Hugging Face model id (owner/name)."
+        ) from None
+    reason = offline_reason()
+    if reason is not None and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelError(
+            f"cannot load model '{name}': it is not bundled and the Hugging Face Hub is unreachable ({reason}), nor "
+            f"is it in the local Hub cache; bundled models are: {', '.join(assets.MODELS)} (or give a local model "
+            "directory)."
+        )
+    return name
 
 
 def _from_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
-    path = resolve_model(name)
+    path = locate_model(name)
+    offline = path == name and not Path(name).exists() and offline_reason() is not None  # a Hub id, from the cache
     try:
-        return auto_class.from_pretrained(path, **kwargs)
+        return auto_class.from_pretrained(path, local_files_only=offline, **kwargs)
     except OSError as exc:
         raise ModelError(
             f"cannot load model '{name}': it is not a bundled model ({', '.join(assets.MODELS)}), not a local model "
@@ -274,14 +300,12 @@ class CausalLM(Task):
     def generate(self, model: torch.nn.Module, prompts: list[str | tuple[str, str]], max_new_tokens: int = 48,
                  num_beams: int = 1, batch_size: int = 8, progress: str | None = None) -> list[str]:  # fmt: skip
         """Deterministic replies (greedy, or beam search), prompts batched with left padding; `progress` names a
-        progress bar over the batches."""
-        from tqdm.auto import tqdm
-
+        progress bar over the batches (shown on a terminal)."""
         device = next(model.parameters()).device
         pad = self.processor.pad_token_id if self.processor.pad_token_id is not None else 0
         replies = []
         starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
+        for start in progress_bar(starts, desc=progress, show=progress is not None):
             ids = [self._prompt_ids(p) for p in prompts[start : start + batch_size]]
             width = max(len(x) for x in ids)
             input_ids = torch.full((len(ids), width), pad, device=device)
@@ -294,7 +318,7 @@ class CausalLM(Task):
         return replies
 
     def predict(self, model, inputs):
-        return self.generate(model, inputs)
+        return self.generate(model, inputs, progress="generating")
 
 
 def build_task(cfg: TrainConfig, data: TaskData) -> Task:
