@@ -8,7 +8,8 @@ Three lines put Lily on a model::
 """
 
 from lily.adapter import adapter_names, adapter_parameters, disable_adapters, get_adapter, lily_layers, set_adapter
-from lily.analysis import diagnostics, effective_rank, expert_similarity, routing_statistics
+from lily.analysis import diagnostics, effective_rank, expert_diversity, expert_similarity, routing_statistics
+from lily.budget import fit_budget, lily_parameters
 from lily.config import LilyConfig
 from lily.errors import CheckpointError, ConfigError, InjectionError, LilyError, MergeError, TargetError
 from lily.hub import model_card, push_to_hub
@@ -38,13 +39,16 @@ __all__ = [
     "diagnostics",
     "disable_adapters",
     "effective_rank",
+    "expert_diversity",
     "expert_similarity",
     "export_merged",
+    "fit_budget",
     "from_peft",
     "from_pretrained",
     "get_adapter",
     "inject",
     "lily_layers",
+    "lily_parameters",
     "load_adapter",
     "load_adapter_weights",
     "merge",

@@ -42,6 +42,22 @@ def expert_similarity(experts: torch.Tensor) -> torch.Tensor:
     return flat @ flat.T
 
 
+def expert_diversity(model: nn.Module, name: str | None = None) -> torch.Tensor:
+    """A differentiable penalty on alike B experts: the mean squared off-diagonal cosine similarity of each target
+    type's experts, averaged over types (0: mutually orthogonal, 1: parallel). Add `weight * expert_diversity(model)`
+    to the loss to push the experts apart; zero experts (the "lora" init's start) count as orthogonal.
+    """
+    penalties = []
+    for bank in get_adapter(model, name).banks.values():
+        if bank.num_B < 2:
+            continue
+        flat = F.normalize(bank.B.flatten(1), dim=1)
+        gram = flat @ flat.T
+        off = ~torch.eye(bank.num_B, dtype=torch.bool, device=gram.device)
+        penalties.append(gram[off].square().mean())
+    return torch.stack(penalties).mean() if penalties else torch.zeros(())
+
+
 @torch.no_grad()
 def routing_statistics(model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per adapted layer: mean expert weights over all tokens seen, and the mean entropy (nats) of the per-token

@@ -9,6 +9,7 @@ from typing import Any
 
 import regex
 
+from lily.bank import INITS
 from lily.errors import ConfigError
 from lily.layer import ACTIVATIONS
 from lily.routing import ROUTING_MODES
@@ -70,6 +71,20 @@ class LilyConfig:
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    init: str = field(
+        default="lora",
+        metadata={
+            "help": "How A and the B experts start: 'lora' (A random, B zero: the experts start identical) or "
+            "'experts' (A zero, each B expert random: the experts start distinct). Both start at the base model."
+        },
+    )
+    router_init_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies the routers' initial weights (data-dependent and static routing): above 1, each "
+            "layer starts with a sharper, more layer-specific mix of the experts."
+        },
+    )
     parallel_modules: list[str] = field(
         default_factory=list,
         metadata={
@@ -123,6 +138,12 @@ class LilyConfig:
         ):
             raise ConfigError(f"LilyConfig.dropout must be in [0, 1), got {self.dropout!r}.")
         self.dropout = float(self.dropout)
+        if self.init not in INITS:
+            raise ConfigError(f"LilyConfig.init={self.init!r}: choose one of {', '.join(map(repr, INITS))}.")
+        scale = self.router_init_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not _finite(scale) or not 0 < scale <= 1e3:
+            raise ConfigError(f"LilyConfig.router_init_scale must be a number in (0, 1000], got {scale!r}.")
+        self.router_init_scale = float(scale)
         self._check_names("trainable_modules", "module-name suffixes")
         self._check_parallel()
         if not self.target_modules and not self.parallel_modules:
@@ -149,6 +170,11 @@ class LilyConfig:
 
     def _check_parallel(self) -> None:
         self._check_names("parallel_modules", "module names")
+        if self.parallel_modules and self.init == "experts" and self.parallel_activation == "relu":
+            raise ConfigError(
+                "LilyConfig: init='experts' starts A at zero, and a parallel adapter's relu has no gradient at zero, "
+                "so it would never train; use parallel_activation='gelu' or None, or init='lora'."
+            )
         for entry in self.parallel_modules:
             if entry.count(">") > 1 or not all(entry.split(">")):
                 raise ConfigError(f"LilyConfig.parallel_modules entry {entry!r} must be 'block' or 'source>sink'.")

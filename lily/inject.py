@@ -137,10 +137,12 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
     sites: list[tuple[TargetType, int, LilyBranch]] = []
     for t in plan:
         device = next(model.get_submodule(t.module_names[0]).parameters()).device
-        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, t.kernel_size, device=device)
+        bank = LilyBank(t.in_features, t.out_features, t.r, t.num_A, config.num_B, t.kernel_size, config.init, device)
         adapter.banks[t.key] = bank
         for i, group in enumerate(t.groups):
-            sites.append((t, i, LilyBranch(bank, group, routing, config.scaling, config.dropout, t.activation)))
+            branch = LilyBranch(bank, group, routing, config.scaling, config.dropout, t.activation,
+                                config.router_init_scale)  # fmt: skip
+            sites.append((t, i, branch))
 
     if adapters is None:
         repacking = {n: getattr(m, CPU_REPACKING) for n, m in model.named_modules() if hasattr(m, CPU_REPACKING)}

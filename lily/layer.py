@@ -54,6 +54,7 @@ class LilyBranch(nn.Module):
         scaling: float,
         dropout: float,
         activation: str | None = None,
+        router_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.group = group
@@ -61,7 +62,7 @@ class LilyBranch(nn.Module):
         self.scaling = scaling
         self.dropout = dropout
         self.activation = activation
-        self.router = make_router(routing, bank.r, bank.num_B, device=bank.B.device, dtype=bank.B.dtype)
+        self.router = make_router(routing, bank.r, bank.num_B, router_scale, bank.B.device, bank.B.dtype)
         object.__setattr__(self, "bank", bank)
 
     def low_rank(self, x: torch.Tensor, down: Projection = linear_down) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,22 +48,31 @@ def require_mergeable(mode: str) -> None:
 
 
 def make_router(
-    mode: str, r: int, num_B: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+    mode: str,
+    r: int,
+    num_B: int,
+    scale: float = 1.0,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Parameter | None:
-    """The per-layer routing parameter of `mode`.
+    """The per-layer routing parameter of `mode`, its initial values multiplied by `scale`.
 
     Data-dependent modes: a bias-free linear map r -> E (E x r), kaiming-uniform like `nn.Linear(r, E)`.
     "static": E logits drawn from N(0, 1). Zero logits would give every layer the same uniform mix and
     zero-initialised experts identical gradients forever (the "uniform" collapse); distinct per-layer
-    mixes let the experts drift apart. "uniform": no parameter.
+    mixes let the experts drift apart, and a larger `scale` makes the mixes differ more. "uniform": no parameter.
     """
     if mode in DATA_DEPENDENT:
         weight = nn.Parameter(torch.empty(num_B, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        return weight
-    if mode == "static":
-        return nn.Parameter(torch.randn(num_B, device=device, dtype=dtype))
-    return None
+    elif mode == "static":
+        weight = nn.Parameter(torch.randn(num_B, device=device, dtype=dtype))
+    else:
+        return None
+    if scale != 1.0:
+        with torch.no_grad():
+            weight.mul_(scale)
+    return weight
 
 
 def expert_weights(

@@ -103,3 +103,27 @@ def test_bundled_minilm_is_a_real_pretrained_encoder():
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     similar, unrelated = (emb[0] @ emb[1]).item(), (emb[0] @ emb[2]).item()
     assert similar > unrelated + 0.3  # a trained sentence encoder, not random weights
+
+
+def test_chat_keeps_each_distinct_pair_once_so_no_pair_is_in_two_splits(tmp_path, monkeypatch):
+    """The chatterbot corpus repeats conversations across (and within) files; a repeated pair would land in training
+    and test at once."""
+    english = tmp_path / "data" / "english"
+    english.mkdir(parents=True)
+    (english / "a.yml").write_text("conversations:\n- [hi, hello, 'how are you?']\n- [hi, hello]\n- [hi, hey]\n")
+    (english / "b.yml").write_text("conversations:\n- [hi, hello]\n- [bye, see you]\n")
+    monkeypatch.setattr(assets, "package_dir", lambda module: tmp_path)
+    assert assets.chat() == [("hi", "hello"), ("hello", "how are you?"), ("hi", "hey"), ("bye", "see you")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("chatterbot_corpus") is None, reason="chat data not installed")
+def test_bundled_chat_splits_share_no_pair():
+    from lily.train.config import TrainConfig
+    from lily.train.data import load_task_data
+
+    pairs = assets.chat()
+    assert len(pairs) == len(set(pairs)) == 1257
+    full = {"max_train_samples": None, "max_eval_samples": None, "max_test_samples": None}
+    splits = load_task_data(TrainConfig(task="causal-lm", **full)).splits
+    train = set(splits["train"])
+    assert not train & set(splits["test"]) and not train & set(splits["validation"])

@@ -13,7 +13,7 @@ from lily.errors import ConfigError
 from lily.recipes import defaults, glue, names
 from lily.train.config import TrainConfig
 from lily.train.data import DataError, load_task_data
-from lily.train.methods import lily_budget, lily_config
+from lily.train.methods import lily_config
 from lily.train.tasks import head_modules
 
 from .conftest import LABEL_WORDS, WORDS
@@ -95,7 +95,7 @@ def _budget(task: str, config: transformers.RobertaConfig) -> int:
     with torch.device("meta"):
         model = transformers.RobertaForSequenceClassification(config)
     cfg = TrainConfig(**defaults(f"glue-{task}"))
-    return lily_budget(model, lily_config(cfg, model, head_modules(model)))[0]
+    return lily.lily_parameters(model, lily_config(cfg, model, head_modules(model)))
 
 
 @pytest.mark.parametrize("task", list(glue.SETTINGS))

@@ -11,7 +11,7 @@ from lily.cli import main
 from lily.recipes import commonsense, defaults, mamba, names
 from lily.train.config import TrainConfig
 from lily.train.data import TaskData
-from lily.train.methods import lily_budget, lily_config
+from lily.train.methods import lily_config
 from lily.train.tasks import CausalLM
 
 from .conftest import SPECIAL, WORDS, save_tokenizer
@@ -56,7 +56,7 @@ def test_adapter_size_on_falcon_mamba_7b_matches_the_paper():
         model = transformers.FalconMambaForCausalLM(config)
     cfg = TrainConfig(**defaults("mamba-commonsense"))
     # 4 A of 4096 x 40, 4 B of 40 x 16384, 64 routers of 40 x 4: the paper's "Lily (in) 3.3M"
-    assert lily_budget(model, lily_config(cfg, model, []))[0] == mamba.PAPER_PARAMETERS == 3_287_040
+    assert lily.lily_parameters(model, lily_config(cfg, model, [])) == mamba.PAPER_PARAMETERS == 3_287_040
 
 
 @pytest.mark.parametrize("family", list(MODELS))

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lily.bank import INITS
 from lily.errors import ConfigError
 from lily.routing import ROUTING_MODES
 from lily.train.metrics import CLASSIFICATION, REGRESSION
 
 TASKS = ("text-cls", "text-reg", "causal-lm", "image-cls")
-METHODS = ("lily", "lora", "full", "head-only")
+METHODS = ("lily", "lora", "peft-lily", "full", "head-only")
 SCHEDULES = ("linear", "cosine")
 METRICS = CLASSIFICATION + REGRESSION
 PROMPT_STYLES = ("chat", "alpaca")
@@ -162,8 +163,8 @@ class TrainConfig:
         shown="minilm, smollm2 or dinov2 by --task",
         metavar="NAME|PATH",
     )
-    method: str = _opt("model", "lily", "lily, lora (PEFT, at Lily's parameter budget), full, or head-only.",
-                       choices=METHODS)  # fmt: skip
+    method: str = _opt("model", "lily", "lily, lora (PEFT, at Lily's parameter budget), peft-lily (PEFT's own Lily, "
+                       "same r, A groups and experts), full, or head-only.", choices=METHODS)  # fmt: skip
     model_dtype: str = _opt(
         "model",
         "float32",
@@ -197,6 +198,18 @@ class TrainConfig:
     num_A: int = _opt("adapter", 2, "Lily A groups per target type.", bounds=POSITIVE)
     num_B: int = _opt("adapter", 4, "Lily B experts per target type.", bounds=POSITIVE)
     scaling: float = _opt("adapter", 1.0, "Lily scaling s.", bounds=ABOVE_ZERO)
+    budget: int | None = _opt("adapter", None, "Choose Lily's r as the largest whose adapter has at most this many "
+                              "parameters (at --num-A/--num-B); overrides --r.", bounds=POSITIVE,
+                              shown="use --r")  # fmt: skip
+    budget_lora_rank: int | None = _opt("adapter", None, "Choose Lily's r as the largest that costs at most what LoRA "
+                                        "of this rank costs on the same layers; overrides --r.", bounds=POSITIVE,
+                                        shown="use --r")  # fmt: skip
+    lily_init: str = _opt("adapter", "lora", "How Lily's A and B experts start: lora (A random, B zero) or experts (A "
+                          "zero, distinct random experts).", choices=INITS)  # fmt: skip
+    router_init_scale: float = _opt("adapter", 1.0, "Multiplies Lily's initial router weights (sharper, more "
+                                    "layer-specific mixes above 1).", bounds=Bounds(0, 1e3, low_open=True))  # fmt: skip
+    expert_diversity: float = _opt("adapter", 0.0, "Weight of a penalty on the squared cosine similarity between "
+                                   "Lily's B experts, added to the loss.", bounds=COUNT)  # fmt: skip
     routing: str | None = _opt("adapter", None, "How Lily weighs its B experts.", choices=ROUTING_MODES,
                                shown="token for causal-lm, sample otherwise")  # fmt: skip
     adapter_dropout: float = _opt("adapter", 0.0, "Dropout on the adapter input (Lily and LoRA).",
@@ -212,6 +225,8 @@ class TrainConfig:
     batch_size: int = _opt("optimisation", 32, "Examples per device per step.", bounds=POSITIVE)
     grad_accum: int = _opt("optimisation", 1, "Gradient accumulation steps.", bounds=POSITIVE)
     lr: float = _opt("optimisation", 2e-3, "Peak learning rate.", bounds=ABOVE_ZERO)
+    lr_ratio_B: float = _opt("optimisation", 1.0, "Learning-rate multiplier of the up-projections: Lily's B experts "
+                             "and routers, LoRA's B (LoRA+ uses 16).", bounds=ABOVE_ZERO)  # fmt: skip
     head_lr: float | None = _opt("optimisation", None, "Learning rate of a newly trained head.", bounds=ABOVE_ZERO,
                                  shown="--lr")  # fmt: skip
     weight_decay: float = _opt("optimisation", 0.0, "AdamW weight decay.", bounds=COUNT)
@@ -269,6 +284,20 @@ class TrainConfig:
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if self.fsdp and self.method != "lily":
             raise ConfigError(f"--fsdp supports --method lily only, got --method {self.method}.")
+        if self.expert_diversity and (self.method != "lily" or self.fsdp):
+            raise ConfigError("--expert-diversity needs --method lily without --fsdp.")
+        if self.method == "peft-lily":
+            unsupported = {"--routing": self.routing not in (None, "batch"), "--lily-init": self.lily_init != "lora",
+                           "--router-init-scale": self.router_init_scale != 1,
+                           "--parallel-modules": bool(self.parallel_modules),
+                           "--adapter-dropout": self.adapter_dropout != 0}  # fmt: skip
+            if any(unsupported.values()):
+                given = ", ".join(k for k, v in unsupported.items() if v)
+                raise ConfigError(
+                    f"--method peft-lily (PEFT's Lily) has no {given}; leave it out or use --method lily."
+                )
+        if self.budget is not None and self.budget_lora_rank is not None:
+            raise ConfigError("give --budget or --budget-lora-rank, not both.")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr must be in [0, --lr={self.lr:g}], got {self.min_lr:g}.")
         self.max_length = self.max_length or (128 if self.task == "causal-lm" else 64)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+import lily
 from lily.distributed import fully_shard_blocks, is_sharded, reshard
 from lily.errors import LilyError
 from lily.hub import write_model_card
@@ -38,6 +39,7 @@ from lily.train.methods import (
     restore_trained,
     save_trained,
     trainable_state,
+    up_projections,
 )
 from lily.train.outputs import (
     ADAPTER_DIR,
@@ -248,7 +250,9 @@ def _train(cfg: TrainConfig, log: Any, kept: _Kept) -> dict[str, Any]:
     head_ids = {id(p) for h in head for p in model.get_submodule(_head_path(model, h)).parameters()}
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named_trainable]
-    groups = [{"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.lr},
+    up_ids = up_projections(model) if cfg.lr_ratio_B != 1 else set()  # one group less: older checkpoints resume
+    groups = [{"params": [p for p in trainable if id(p) not in head_ids | up_ids], "lr": cfg.lr},
+              {"params": [p for p in trainable if id(p) in up_ids - head_ids], "lr": cfg.lr * cfg.lr_ratio_B},
               {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_lr or cfg.lr}]  # fmt: skip
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     if cfg.fsdp:  # FSDP2 syncs its own gradients; accelerate must not wrap the model in DDP
@@ -349,6 +353,8 @@ def _train(cfg: TrainConfig, log: Any, kept: _Kept) -> dict[str, Any]:
             for batch in loader:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
+                    if cfg.expert_diversity:
+                        loss = loss + cfg.expert_diversity * lily.expert_diversity(accelerator.unwrap_model(model))
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"the training loss became {loss.item()} at step {progress.step + 1} (epoch "
@@ -482,6 +488,6 @@ def _head_path(model: torch.nn.Module, head: str) -> str:
 
 def _describe(cfg: TrainConfig, info: Any) -> str:
     matched = f"Lily {info.lily_budget:,} vs LoRA r={info.lora_r} {info.lora_params:,}"
-    if cfg.method in ("lily", "lora"):
+    if cfg.method in ("lily", "lora", "peft-lily"):
         return f"{cfg.method}: {info.adapter:,} adapter + {info.head:,} head parameters (same targets: {matched})"
     return f"{cfg.method}: {info.trainable:,} trainable parameters ({info.head:,} in the head; {matched})"

@@ -1,4 +1,4 @@
-"""Fine-tuning methods: Lily, LoRA (PEFT) at Lily's parameter budget, full fine-tuning, head only.
+"""Fine-tuning methods: Lily, LoRA (PEFT) at Lily's parameter budget, PEFT's own Lily, full fine-tuning, head only.
 
 Every method also trains the task head fully (a new classification head must learn), so the methods
 differ only in how the backbone is adapted.
@@ -6,6 +6,7 @@ differ only in how the backbone is adapted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,14 +15,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lily
+from lily.budget import fit_budget, lily_parameters, lora_parameters_per_rank, matched_lora_rank
 from lily.distributed import assign, full_tensor, reshard
-from lily.inject import resolve_routing
-from lily.plan import layer_kind, longest_suffix, plan_targets
-from lily.report import type_sizes
+from lily.plan import TargetType, layer_kind, longest_suffix, plan_targets
 from lily.train.config import TrainConfig
 
 TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("q", "v"))
 TRAINED_FILE = "trained.safetensors"
+PEFT_METHODS = ("lora", "peft-lily")
+"""Methods that PEFT applies and saves (`save_pretrained` / `PeftModel.from_pretrained`)."""
 
 
 @dataclass
@@ -65,42 +67,42 @@ def pick_alternatives(model: nn.Module, entries: list[str]) -> list[str]:
 
 
 def lily_config(cfg: TrainConfig, model: nn.Module, head: list[str]) -> lily.LilyConfig:
+    """The run's LilyConfig; with --budget or --budget-lora-rank, r is the largest that fits the budget."""
     targets = pick_alternatives(model, cfg.targets) if cfg.targets else default_targets(model)
-    return lily.LilyConfig(
-        target_modules=targets, r=cfg.r, num_A=cfg.num_A, num_B=cfg.num_B, scaling=cfg.scaling, routing=cfg.routing,
-        dropout=cfg.adapter_dropout, trainable_modules=head,
-        parallel_modules=pick_alternatives(model, cfg.parallel_modules or []), parallel_r=cfg.parallel_r,
+    fields = dict(
+        target_modules=targets, num_A=cfg.num_A, num_B=cfg.num_B, scaling=cfg.scaling, routing=cfg.routing,
+        dropout=cfg.adapter_dropout, trainable_modules=head, init=cfg.lily_init,
+        router_init_scale=cfg.router_init_scale, parallel_modules=pick_alternatives(model, cfg.parallel_modules or []),
+        parallel_r=cfg.parallel_r,
     )  # fmt: skip
-
-
-def lily_budget(model: nn.Module, config: lily.LilyConfig) -> tuple[int, int]:
-    """(Lily's adapter parameter count, sum of d_in + d_out over the adapted layers) without injecting."""
-    routing, _ = resolve_routing(model, config)
-    plan = plan_targets(model, config)
-    budget = sum(sum(type_sizes(t, config.num_B, routing)) for t in plan)
-    per_rank = sum(t.num_layers * (t.in_features + t.out_features) for t in plan if t.placement == "layer")
-    return budget, per_rank
-
-
-def matched_lora_rank(budget: int, per_rank: int) -> int:
-    """The LoRA rank whose parameter count r * sum(d_in + d_out) is closest to `budget` (at least 1)."""
-    return max(1, round(budget / per_rank))
+    if cfg.budget is None and cfg.budget_lora_rank is None:
+        return lily.LilyConfig(r=cfg.r, **fields)
+    try:
+        return fit_budget(model, budget=cfg.budget, like_lora_rank=cfg.budget_lora_rank, **fields)
+    except lily.ConfigError as exc:
+        raise lily.ConfigError(f"--budget/--budget-lora-rank: {exc}") from None
 
 
 def apply_method(cfg: TrainConfig, model: nn.Module, head: list[str]) -> tuple[nn.Module, MethodInfo]:
     """Make `model` trainable the way `cfg.method` says; returns the (possibly wrapped) model and its counts."""
     config = lily_config(cfg, model, head)
     targets = config.target_modules
-    budget, per_rank = lily_budget(model, config)
+    budget, per_rank = lily_parameters(model, config), lora_parameters_per_rank(model, config)
     lora_r = cfg.lora_r or matched_lora_rank(budget, per_rank)
     if cfg.method == "lily":
         lily.inject(model, config)
-    elif cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+    elif cfg.method in PEFT_METHODS:
+        from peft import LilyConfig, LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=lora_r, lora_alpha=cfg.lora_alpha or 2 * lora_r, target_modules=targets,
-                          lora_dropout=cfg.adapter_dropout, modules_to_save=head or None)  # fmt: skip
-        model = get_peft_model(model, lora)
+        if cfg.method == "lora":
+            peft_config = LoraConfig(r=lora_r, lora_alpha=cfg.lora_alpha or 2 * lora_r, target_modules=targets,
+                                     lora_dropout=cfg.adapter_dropout, modules_to_save=head or None)  # fmt: skip
+        else:
+            stride = peft_stride(plan_targets(model, config), config.num_A)
+            peft_config = LilyConfig(r=config.r, stride_A=stride, num_B=config.num_B,
+                                     scaling=config.scaling, target_modules=targets,
+                                     modules_to_save=head or None)  # fmt: skip
+        model = get_peft_model(model, peft_config)
     else:
         model.requires_grad_(cfg.method == "full")
         for name in head:
@@ -111,6 +113,31 @@ def apply_method(cfg: TrainConfig, model: nn.Module, head: list[str]) -> tuple[n
     adapter = sum(trainable.values()) - head_count
     info = MethodInfo(sum(trainable.values()), adapter, head_count, budget, lora_r, lora_r * per_rank)
     return model, info
+
+
+def peft_stride(plan: list[TargetType], num_A: int) -> int:
+    """PEFT Lily's stride_A that makes the same A groups as Lily's `num_A` on every target type; ConfigError if none."""
+    for stride in sorted({math.ceil(t.num_layers / num_A) for t in plan}):
+        if all(list(t.groups) == [i // stride for i in range(t.num_layers)] for t in plan):
+            return stride
+    counts = sorted({t.num_layers for t in plan})
+    raise lily.ConfigError(
+        f"--method peft-lily: PEFT's Lily groups layers in runs of one length (stride_A), which cannot make --num-A "
+        f"{num_A} groups of {'/'.join(map(str, counts))} layers as Lily does; choose a --num-A that divides the layer "
+        "count."
+    )
+
+
+UP_PROJECTIONS = (".lora_B.", ".lily_B.", ".lily_router.")
+"""Name parts of PEFT's up-projections and routers (LoRA's B; PEFT Lily's B experts and routers)."""
+
+
+def up_projections(model: nn.Module) -> set[int]:
+    """ids of the parameters --lr-ratio-B scales: Lily's B experts and routers, or PEFT's LoRA B / Lily B and router."""
+    if lily.adapter.find_adapters(model) is not None:
+        named = lily.adapter_parameters(model).items()
+        return {id(p) for n, p in named if n.endswith((".B", ".router"))}
+    return {id(p) for n, p in model.named_parameters() if any(part in n for part in UP_PROJECTIONS)}
 
 
 def _in_head(param_name: str, head: list[str]) -> bool:
@@ -133,7 +160,7 @@ def save_trained(model: nn.Module, cfg: TrainConfig, directory: Path) -> None:
     """The trained weights in the method's own format: a Lily adapter, a PEFT adapter, or the trainable tensors."""
     if cfg.method == "lily":
         lily.save_adapter(model, directory)
-    elif cfg.method == "lora":
+    elif cfg.method in PEFT_METHODS:
         model.save_pretrained(directory)
     else:
         directory.mkdir(parents=True, exist_ok=True)
@@ -144,7 +171,7 @@ def load_trained(model: nn.Module, cfg: TrainConfig, directory: Path, head: list
     """A base model with the weights `save_trained` wrote; returns the (possibly wrapped) model."""
     if cfg.method == "lily":
         return lily.load_adapter(model, directory)
-    if cfg.method == "lora":
+    if cfg.method in PEFT_METHODS:
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, directory)
@@ -157,7 +184,7 @@ def restore_trained(model: nn.Module, cfg: TrainConfig, directory: Path) -> None
     """Copy the weights `save_trained` wrote into `model`, which already has the method applied."""
     if cfg.method == "lily":
         lily.load_adapter_weights(model, directory)
-    elif cfg.method == "lora":
+    elif cfg.method in PEFT_METHODS:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))

@@ -27,6 +27,7 @@ once the run can start. A non-empty directory that is not a lily run is refused,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -179,7 +180,9 @@ def check_output_dir(cfg: TrainConfig) -> Path:
                 "never deletes such a directory, not even with --overwrite: choose another --output-dir."
             )
         ours = cfg.run_identity()
-        differs = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        # an option a run from an older lily did not record had its default then
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        differs = sorted(k for k in set(saved) | set(ours) if saved.get(k, defaults.get(k)) != ours.get(k))
         if differs and (cfg.resume or not cfg.overwrite):
             fix = "--resume continues only that same run" if cfg.resume else "or pass --overwrite to replace it"
             raise RunDirError(
