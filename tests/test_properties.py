@@ -213,6 +213,8 @@ VALID = {
     "scaling": st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**6), 10**6),
     "routing": st.sampled_from([None, *ROUTING_MODES]),
     "dropout": st.floats(0.0, 1.0, exclude_max=True),
+    "init": st.sampled_from(["lora", "experts"]),
+    "router_init_scale": st.floats(0.0, 1e3, exclude_min=True) | st.integers(1, 1000),
     "parallel_modules": st.lists(st.sampled_from(["mlp", "intermediate>output.dense", "attn"]), max_size=2),
     "parallel_r": st.none() | st.integers(1, MAX_RANK),
     "parallel_activation": st.sampled_from([None, "relu", "gelu"]),
@@ -232,6 +234,8 @@ def check_valid_config(cfg: LilyConfig) -> None:
         assert value is None or (type(value) is int and 1 <= value <= MAX_GROUPS)
     assert type(cfg.scaling) is float and math.isfinite(cfg.scaling)
     assert type(cfg.dropout) is float and 0.0 <= cfg.dropout < 1.0
+    assert cfg.init in ("lora", "experts") and type(cfg.router_init_scale) is float
+    assert 0.0 < cfg.router_init_scale <= 1e3
     assert cfg.routing is None or cfg.routing in ROUTING_MODES
     targets = cfg.target_modules
     assert (isinstance(targets, str) and targets) or (
