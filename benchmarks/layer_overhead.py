@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    parser.add_argument("--name", default="layer_overhead", help="result file stem in benchmarks/results")
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.repeats = "1x16,4x128", 15
@@ -136,7 +137,7 @@ def main() -> None:
                    "(parameters excluded)", ["batch x tokens", "LoRA MiB (all)", *names], memory_rows)  # fmt: skip
     text = "\n".join(lines).rstrip()
     print(text)
-    write_results("layer_overhead", {"settings": vars(args), "machine": device_info(device), "rows": rows},
+    write_results(args.name, {"settings": vars(args), "machine": device_info(device), "rows": rows},
                   f"Device: {device_info(device)}\n\n{text}")  # fmt: skip
 
 

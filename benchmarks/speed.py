@@ -9,6 +9,7 @@ allocated on GPU, bytes saved for backward on CPU).
 
     python -m benchmarks.speed --quick      # < 2 min on 2 CPU cores: one random SmolLM2-sized Llama
     python -m benchmarks.speed              # bundled MiniLM / SmolLM2 / DINOv2 where installed, random Llamas
+    bash benchmarks/gpu.sh                  # on a CUDA machine: bf16, q/k/v/o + MLP targets, r 16 and 64
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ LLAMA_SHAPES = {  # random-weight Llamas: SmolLM2-135M's width, and a 1B-class w
                                  num_attention_heads=9, num_key_value_heads=3),
     "llama-2048x4 (random)": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                                   num_attention_heads=16, num_key_value_heads=4),
+    "llama-1b (random)": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,  # Llama-3.2-1B
+                              num_attention_heads=32, num_key_value_heads=8),
 }  # fmt: skip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(name: str) -> tuple[torch.nn.Module, list[str], str]:
@@ -81,7 +85,8 @@ def merged_copy(name: str, model: torch.nn.Module) -> torch.nn.Module | None:
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     base, targets, kind = load_model(name)
-    base.to(device)
+    targets = args.targets or targets
+    base.to(device=device, dtype=DTYPES[args.dtype])  # adapter tensors stay float32 (ours and PEFT's)
     models = {k: m.to(device) for k, m in contenders(base, targets, args.r, args.num_A, args.num_B).items()}
     inputs = make_batch(kind, base, args.batch, args.length, device)
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad] or [torch.zeros(1)], lr=1e-5)
@@ -129,10 +134,11 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         rows.append({
             "model": name, "contender": k, "trainable": trainable_count(m) if k != "frozen" else 0,
             "train_ms": 1e3 * train[k], "train_overhead_ms": 1e3 * t_over,
+            "train_tokens_per_s": args.batch * args.length / train[k],
             "train_overhead_vs_lora": t_over / (train[lora] - train["frozen"]) if k != "frozen" else None,
             "infer_ms": 1e3 * infer[k], "infer_vs_frozen": infer[k] / infer["frozen"],
             "merged_infer_vs_frozen": merged[k] / merged["frozen"] if k in merged else None,
-            "memory_bytes": memory[k],
+            "memory_bytes": memory[k], "memory_vs_lora": memory[k] / memory[lora],
         })  # fmt: skip
     return rows
 
@@ -144,14 +150,14 @@ def table(rows: list[dict[str, Any]], memory_label: str) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"**{model}**", "",
-                  f"| contender | trainable | train step ms | train overhead / LoRA's | inference ms | "
-                  f"inference / base | merged inference / base | {memory_label} MB |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| contender | trainable | train step ms | train tokens/s | train overhead / LoRA's | inference ms | "
+                  f"inference / base | merged inference / base | {memory_label} MB | memory / LoRA's |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in (r for r in rows if r["model"] == model):
-            cells = [r["contender"], f"{r['trainable']:,}", f"{r['train_ms']:.1f}",
+            cells = [r["contender"], f"{r['trainable']:,}", f"{r['train_ms']:.1f}", f"{r['train_tokens_per_s']:,.0f}",
                      f(r["train_overhead_vs_lora"], ".2f"), f"{r['infer_ms']:.1f}",
                      f(r["infer_vs_frozen"], ".2f"), f(r["merged_infer_vs_frozen"], ".2f"),
-                     f"{r['memory_bytes'] / 1e6:.1f}"]  # fmt: skip
+                     f"{r['memory_bytes'] / 1e6:.1f}", f"{r['memory_vs_lora']:.2f}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -168,11 +174,14 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the base model's weights")
+    parser.add_argument("--targets", nargs="+", help="module-name suffixes to adapt (default: query and value)")
+    parser.add_argument("--name", default="speed", help="result file stem in benchmarks/results")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if args.quick:
         args.models, args.repeats, args.batch, args.length = ["llama-576x8 (random)"], 3, 2, 64
-    names = args.models or ["minilm", "smollm2", "dinov2", *LLAMA_SHAPES]
+    names = args.models or ["minilm", "smollm2", "dinov2", *(n for n in LLAMA_SHAPES if n != "llama-1b (random)")]
     rows = []
     for name in names:
         try:
@@ -183,7 +192,7 @@ def main() -> None:
         print(table([r for r in rows if r["model"] == name], "peak" if device.type == "cuda" else "saved"))
     memory_label = "peak allocated" if device.type == "cuda" else "saved-for-backward"
     settings = {k: v for k, v in vars(args).items() if k != "models"}
-    write_results("speed", {"settings": settings, "machine": device_info(device), "rows": rows},
+    write_results(args.name, {"settings": settings, "machine": device_info(device), "rows": rows},
                   f"Device: {device_info(device)}; settings: {settings}\n\n" + table(rows, memory_label))  # fmt: skip
 
 
