@@ -326,7 +326,7 @@ def plot(task: str, rows: list[dict[str, Any]], higher: bool, metric: str) -> No
     fig, ax = plt.subplots(figsize=(8, 5))
     families: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        family = row["label"].split(" @")[0] if row["method"] in ("lily", "lora") else row["label"].split(" r=")[0]
+        family = "lora" if row["method"] == "lora" else row["label"].split(" @")[0]
         families.setdefault(family if "+" not in row["label"] else row["label"], []).append(row)
     for family, members in families.items():
         members.sort(key=lambda r: r["params"])

@@ -172,8 +172,8 @@ class LilyConfig:
         self._check_names("parallel_modules", "module names")
         if self.parallel_modules and self.init == "experts" and self.parallel_activation == "relu":
             raise ConfigError(
-                "LilyConfig: init='experts' starts A at zero, and a parallel adapter's relu has no gradient at zero, "
-                "so it would never train; use parallel_activation='gelu' or None, or init='lora'."
+                "LilyConfig: init='experts' starts A at zero, and the relu of parallel_modules' adapters has no "
+                "gradient at zero, so they would never train; use parallel_activation='gelu' or None, or init='lora'."
             )
         for entry in self.parallel_modules:
             if entry.count(">") > 1 or not all(entry.split(">")):

@@ -118,7 +118,7 @@ def test_experts_init_starts_at_the_base_model_with_distinct_experts():
 
 def test_experts_init_is_refused_behind_a_relu_parallel_adapter():
     """init="experts" zeroes A; behind relu (relu'(0) = 0) a parallel adapter would stay at zero forever."""
-    with pytest.raises(ConfigError, match="relu has no gradient at zero"):
+    with pytest.raises(ConfigError, match="relu of parallel_modules' adapters has no gradient at zero"):
         LilyConfig([], r=4, num_B=3, init="experts", parallel_modules=[BERT_MLP])
     model = lily.inject(tiny_bert(2), LilyConfig([], r=4, num_B=3, init="experts", parallel_modules=[BERT_MLP],
                                                  parallel_activation="gelu"))  # fmt: skip

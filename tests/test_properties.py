@@ -259,6 +259,8 @@ def one_bad_field(draw):
         grouping = bad
     elif grouping != "none":
         kwargs[grouping] = draw(VALID[grouping])
+    if bad not in ("init", "parallel_modules", "parallel_activation") and kwargs["parallel_activation"] == "relu":
+        kwargs["init"] = "lora"  # init="experts" behind a relu parallel adapter is itself an error naming those
     kwargs[bad] = draw(JUNK)
     return bad, kwargs
 
