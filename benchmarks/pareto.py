@@ -15,7 +15,7 @@ Protocol (the same for every configuration, Lily or not):
 
     python -m benchmarks.pareto --task text-cls        # resumable: a rerun skips the runs results hold
     python -m benchmarks.pareto --task text-cls --report   # tables and plots from the results so far
-    python -m benchmarks.pareto --quick                # tiny smoke run into a scratch file (< 3 min)
+    python -m benchmarks.pareto --quick                # tiny smoke run into pareto_quick* (about 5 min)
 
 Results: benchmarks/results/pareto.json (`{"tasks": {task: {"higher_is_better", "runs": [...]}}}`, each run
 `{"method", "config", "trainable_params", "lr", "seed", "val", "test"}`), pareto_details.json (wall times and, for
