@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +96,11 @@ def grid(label: str, runs: list[dict[str, Any]], options: dict[str, Any], higher
     """(The lrs `label` must have with seed 0, whether its selected lr is inside them): the start grid, grown by one
     x2 step on each side whose end holds the best validation score so far."""
     lrs = sorted(start_grid(options))
+    scores = sweep(label, runs)
     for _ in range(MAX_GROWTH + 1):
-        scores = {r["lr"]: r["val"] for r in runs if r["label"] == label and r["seed"] == SEEDS[0]}
         if not all(_has(scores, lr) for lr in lrs):
             return lrs, False
-        best = _select({lr: v for lr, v in scores.items() if any(_same(lr, x) for x in lrs)}, higher)
+        best = _select({lr: v for lr, v in scores.items() if _has(lrs, lr)}, higher)
         if _same(best, lrs[0]):
             lrs.insert(0, lrs[0] / 2)
         elif _same(best, lrs[-1]):
@@ -113,8 +114,13 @@ def _same(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
 
 
-def _has(scores: dict[float, float], lr: float) -> bool:
-    return any(_same(lr, have) for have in scores)
+def _has(lrs: Iterable[float], lr: float) -> bool:
+    return any(_same(lr, have) for have in lrs)
+
+
+def sweep(label: str, runs: list[dict[str, Any]]) -> dict[float, float]:
+    """lr -> validation score of `label`'s seed-0 runs (the lr sweep)."""
+    return {r["lr"]: r["val"] for r in runs if r["label"] == label and r["seed"] == SEEDS[0]}
 
 
 def _select(scores: dict[float, float], higher: bool) -> float:
@@ -123,23 +129,22 @@ def _select(scores: dict[float, float], higher: bool) -> float:
 
 
 def selected_lr(label: str, runs: list[dict[str, Any]], higher: bool) -> float | None:
-    scores = {r["lr"]: r["val"] for r in runs if r["label"] == label and r["seed"] == SEEDS[0]}
+    scores = sweep(label, runs)
     return _select(scores, higher) if scores else None
 
 
-def pending(task: str, configs: dict[str, dict[str, Any]], runs: list[dict[str, Any]], higher: bool
+def pending(configs: dict[str, dict[str, Any]], runs: list[dict[str, Any]], higher: bool
             ) -> list[tuple[str, float, int]]:  # fmt: skip
     """(label, lr, seed) of the runs the protocol needs next, given the finished `runs`."""
     todo = []
-    done = {(r["label"], r["seed"]) for r in runs}
     for label, options in configs.items():
         lrs, interior = grid(label, runs, options, higher)
-        have = {r["lr"] for r in runs if r["label"] == label and r["seed"] == SEEDS[0]}
-        todo += [(label, lr, SEEDS[0]) for lr in lrs if not _has(dict.fromkeys(have, 0.0), lr)]
+        have = sweep(label, runs)
+        todo += [(label, lr, SEEDS[0]) for lr in lrs if not _has(have, lr)]
         if interior:
             lr = selected_lr(label, runs, higher)
             finished = {r["seed"] for r in runs if r["label"] == label and _same(r["lr"], lr)}
-            todo += [(label, lr, seed) for seed in SEEDS[1:] if seed not in finished and (label, seed) not in done]
+            todo += [(label, lr, seed) for seed in SEEDS[1:] if seed not in finished]
     return todo
 
 
@@ -198,7 +203,7 @@ def study(task: str, budget: dict[str, Any], configs: dict[str, dict[str, Any]],
     running: dict[tuple[str, float, int], subprocess.Popen] = {}
     started = time.time()
     while True:
-        todo = [k for k in pending(task, configs, labelled(), higher) if k not in running]
+        todo = [k for k in pending(configs, labelled(), higher) if k not in running]
         while todo and len(running) < workers:
             label, lr, seed = todo.pop(0)
             spec = {"task": task, "lr": lr, "seed": seed, "budget": budget, "options": configs[label]}
@@ -239,7 +244,7 @@ def summarise(task: str, entry: dict[str, Any], details: dict[str, Any]) -> list
     higher = entry["higher_is_better"]
     rows = []
     for label in dict.fromkeys(r["label"] for r in runs):
-        options = {k: v for k, v in runs[[r["label"] for r in runs].index(label)]["config"].items() if k != "label"}
+        options = next(r["config"] for r in runs if r["label"] == label)
         lrs, interior = grid(label, runs, options, higher)
         lr = selected_lr(label, runs, higher)
         chosen = sorted((r for r in runs if r["label"] == label and _same(r["lr"], lr)), key=lambda r: r["seed"])
