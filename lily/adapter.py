@@ -34,6 +34,8 @@ class LilyAdapter(nn.Module):
         self.plan = plan
         self.trainable_modules = trainable_modules
         self.routing_reason = routing_reason
+        self.inference_mode = False
+        """Frozen even while active (loaded for inference); `set_adapter(..., inference_mode=False)` unfreezes."""
         self.banks = nn.ModuleDict()
 
     @property
@@ -179,16 +181,20 @@ def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
         layer.active = active if active in layer.adapters else None
 
 
-def set_adapter(model: nn.Module, name: str) -> nn.Module:
+def set_adapter(model: nn.Module, name: str, inference_mode: bool | None = None) -> nn.Module:
     """Make adapter `name` the one the model runs and trains: its parameters (and trainable modules) require
-    grad, every other adapter's are frozen. Raises MergeError while another adapter is merged."""
+    grad unless it is in inference mode; every other adapter's are frozen. `inference_mode` (None: keep the
+    adapter's own, which `lily.load_adapter(..., is_trainable=False)` sets) freezes or unfreezes it for good.
+    Raises MergeError while another adapter is merged."""
     adapters = get_adapters(model)
-    get_adapter(model, name)
+    adapter = get_adapter(model, name)
     merged = {layer.merged for _, layer in lily_layers(model)} - {None, name}
     if merged:
         raise MergeError(f"adapter {merged.pop()!r} is merged into the weights; call lily.unmerge(model) first.")
+    if inference_mode is not None:
+        adapter.inference_mode = inference_mode
     for other in adapters:
-        trainable = other == name
+        trainable = other == name and not adapter.inference_mode
         for param in adapter_parameters(model, other).values():
             param.requires_grad_(trainable)
         for param in module_parameters(model, other).values():

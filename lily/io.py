@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -46,6 +45,7 @@ from lily.adapter import (
 from lily.bank import LilyBank
 from lily.config import LilyConfig
 from lily.distributed import any_sharded, assign, full_tensor, is_main_process, reshard
+from lily.durable import fsync_dir, temp_name, write_new
 from lily.errors import CheckpointError, LilyError
 from lily.inject import delete_adapter, inject, resolve_routing
 from lily.layer import SLOT_ATTR, LilyLayer
@@ -119,29 +119,6 @@ def _checksum(source: bytes | Path) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "size": size}
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the directory's entries (new files, renames) durable."""
-    if os.name != "posix":  # directories cannot be opened for fsync elsewhere
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(temp: Path, data: bytes) -> None:
-    """Create `temp` with the default mode (0o666 minus the umask), write `data` and fsync it."""
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_files(directory: Path, files: dict[str, bytes]) -> None:
     """Write `files` (name -> content) into `directory`, all or nothing; they are renamed into place in order.
 
@@ -156,16 +133,16 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
     for name in files:
         for stale in directory.glob(f"{TEMP_PREFIX}{name}.*.tmp"):
             stale.unlink(missing_ok=True)
-    temps = {name: directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(8)}.tmp" for name in files}
+    temps = {name: temp_name(directory / name, TEMP_PREFIX) for name in files}
     renamed = False
     try:
         for name, data in files.items():
-            _write_temp(temps[name], data)
-        _fsync_dir(directory)
+            write_new(temps[name], data)
+        fsync_dir(directory)
         for name, temp in temps.items():
             os.replace(temp, directory / name)
             renamed = True
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         if not renamed:
             for temp in temps.values():
@@ -262,7 +239,7 @@ def _finish_interrupted_save(directory: Path) -> None:
         return  # nothing loadable to keep
     if found.config_file.name.startswith(TEMP_PREFIX):
         os.replace(found.config_file, directory / CONFIG_NAME)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def _remove_v1_files(directory: Path) -> None:
@@ -593,10 +570,10 @@ def load_adapter(
     as adapter `name`, make it active, load its weights, and return `model`. The model may already carry other
     adapters.
 
-    The adapter is frozen, for inference; `is_trainable=True` keeps its parameters (and its trainable modules)
-    trainable, to continue training. Everything is checked before the model is touched: the config, the plan
-    against the model's modules, every tensor's name, shape and dtype, and the weights' checksum. On any
-    error the model is left as it was.
+    The adapter is frozen, for inference, and stays frozen when `lily.set_adapter` activates it again;
+    `is_trainable=True` keeps its parameters (and its trainable modules) trainable, to continue training.
+    Everything is checked before the model is touched: the config, the plan against the model's modules, every
+    tensor's name, shape and dtype, and the weights' checksum. On any error the model is left as it was.
 
     Example:
         >>> model = lily.load_adapter(AutoModelForCausalLM.from_pretrained(base_id), "out/adapter")
@@ -614,7 +591,8 @@ def load_adapter(
         copy_tensors(params, tensors, where)
         for param in params.values():
             param.requires_grad_(is_trainable)
-        get_adapter(model, name).routing_reason = saved.meta["routing_reason"]
+        adapter = get_adapter(model, name)
+        adapter.routing_reason, adapter.inference_mode = saved.meta["routing_reason"], not is_trainable
 
     inject_then_load(model, saved.config, name, fill, where)
     return given

@@ -65,6 +65,32 @@ def test_only_the_active_adapter_trains():
     assert all(torch.equal(p, frozen_b[n]) for n, p in lily.adapter_parameters(model, "b").items())
 
 
+def test_an_adapter_loaded_for_inference_stays_frozen_when_activated_again(tmp_path):
+    """load_adapter(is_trainable=False) freezes the adapter for good: switching away and back (or adding another
+    adapter) does not make it trainable; set_adapter(inference_mode=False) does, True freezes a trained one."""
+    _, model = two_adapters()
+    lily.save_adapter(model, tmp_path / "b", name="b")
+    lily.delete_adapter(model, "b")
+    lily.load_adapter(model, tmp_path / "b", name="b")
+
+    def trainable():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trainable() == set()
+    lily.set_adapter(model, "a")
+    assert trainable() == set(lily.adapter_parameters(model, "a"))
+    lily.set_adapter(model, "b")
+    assert trainable() == set()
+    lily.set_adapter(model, "b", inference_mode=False)
+    assert trainable() == set(lily.adapter_parameters(model, "b"))
+    lily.set_adapter(model, "a", inference_mode=True)
+    assert trainable() == set()
+    lily.set_adapter(model, "b")
+    assert trainable() == set(lily.adapter_parameters(model, "b"))
+    lily.load_adapter(model, tmp_path / "b", name="c", is_trainable=True)
+    assert trainable() == set(lily.adapter_parameters(model, "c"))
+
+
 def test_disable_runs_the_base_model_bit_identically():
     base, model = two_adapters()
     adapted = logits(model)

@@ -1,5 +1,5 @@
 """Budget and training levers: `fit_budget`, the "experts" init, router_init_scale, expert_diversity, and the
-`lily train` options built on them (--budget, --budget-lora-rank, --lr-ratio-B, --method peft-lily)."""
+`lily train` options built on them (--budget, --budget-lora-rank, --lr-ratio-B, --method peft-lily / peft-vera)."""
 
 import copy
 import json
@@ -250,6 +250,7 @@ def test_up_projections_of_lily_and_peft_models():
     named = {
         "lora": (peft.LoraConfig(r=2, target_modules=TARGETS, modules_to_save=["classifier"]), ("lora_B",)),
         "peft-lily": (peft.LilyConfig(r=2, stride_A=1, num_B=3, target_modules=TARGETS), ("lily_B", "lily_router")),
+        "peft-vera": (peft.VeraConfig(r=8, target_modules=TARGETS), ("vera_lambda_b",)),
     }
     for config, parts in named.values():
         model = peft.get_peft_model(copy.deepcopy(base), config)
@@ -339,6 +340,22 @@ def test_peft_lily_run_scales_its_up_projections_and_reloads(tiny_bert_dir, text
     assert len(up) == 2 + 4 and all(".lily_B." in n or ".lily_router." in n for n in up)
     assert all(".lily_B." not in n and ".lily_router." not in n for n in by_lr[1e-2])
     assert (out / "adapter" / "adapter_config.json").is_file()
+    assert main(["eval", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"test accuracy: {metrics['test']:.4f}"
+
+
+def test_peft_vera_run_trains_per_layer_scales_and_reloads(tiny_bert_dir, text_csv, tmp_path, monkeypatch, capsys):
+    """--method peft-vera: PEFT's VeRA at --vera-r, its random projections seeded by --seed and saved with it."""
+    seen = record_optimizer_groups(monkeypatch)
+    out = tmp_path / "vera"
+    metrics = train(text_cfg(tiny_bert_dir, text_csv, out, method="peft-vera", vera_r=8, lr_ratio_B=2.0, **TINY),
+                    log=quiet)  # fmt: skip
+    params = metrics["parameters"]
+    assert params["adapter"] == 4 * (8 + 32) and params["head"] == 32 * 3 + 3  # 4 layers x (lambda_d r + lambda_b d)
+    names = {id(p): n for n, p in seen["model"].named_parameters()}
+    by_lr = {lr: {names[i] for i in ids} for lr, ids in seen["groups"]}
+    assert sorted(by_lr) == [1e-2, 2e-2] and all(".vera_lambda_b." in n for n in by_lr[2e-2]) and len(by_lr[2e-2]) == 4
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "VERA"
     assert main(["eval", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"test accuracy: {metrics['test']:.4f}"
 

@@ -99,7 +99,10 @@ def test_bad_number_in_a_yaml_file_is_one_line_naming_the_flag(flag, text, accep
     ("argv", "message"),
     [
         (["--routing", "fancy"], "--routing must be one of batch, sample, token, static, uniform or none, got 'fancy'"),
-        (["--method", "prefix"], "--method must be one of lily, lora, peft-lily, full, head-only, got 'prefix'"),
+        (
+            ["--method", "prefix"],
+            "--method must be one of lily, lora, peft-lily, peft-vera, full, head-only, got 'prefix'",
+        ),
         (["--min-lr", "0.1", "--lr", "0.01"], "--min-lr must be in [0, --lr=0.01], got 0.1"),
         (["--epoch", "2", "--bogus"], "unrecognized arguments: --bogus"),
         (["--batch-size"], "argument --batch-size: expected one argument"),

@@ -120,7 +120,7 @@ def test_an_interrupted_commit_is_recovered_by_load_and_finished_by_the_next_sav
             lily.save_adapter(references["new"], tmp_path)
     assert which(tmp_path, references, tiny_llama) == "new"  # from the pending config
     assert lily.LilyConfig.from_pretrained(tmp_path).scaling == 0.25
-    real_fsync_dir, calls = lily.io._fsync_dir, []
+    real_fsync_dir, calls = lily.io.fsync_dir, []
 
     def fsync_dir_fails_after_the_commit(directory):
         calls.append(directory)
@@ -129,7 +129,7 @@ def test_an_interrupted_commit_is_recovered_by_load_and_finished_by_the_next_sav
         real_fsync_dir(directory)
 
     with monkeypatch.context() as patch:  # the next save commits it first, then fails before its own renames
-        patch.setattr("lily.io._fsync_dir", fsync_dir_fails_after_the_commit)
+        patch.setattr("lily.io.fsync_dir", fsync_dir_fails_after_the_commit)
         with pytest.raises(OSError, match="disk gone"):
             lily.save_adapter(references["third"], tmp_path)
     assert which(tmp_path, references, tiny_llama) == "new"

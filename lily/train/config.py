@@ -25,7 +25,7 @@ from lily.routing import ROUTING_MODES
 from lily.train.metrics import CLASSIFICATION, REGRESSION
 
 TASKS = ("text-cls", "text-reg", "causal-lm", "image-cls")
-METHODS = ("lily", "lora", "peft-lily", "full", "head-only")
+METHODS = ("lily", "lora", "peft-lily", "peft-vera", "full", "head-only")
 SCHEDULES = ("linear", "cosine")
 METRICS = CLASSIFICATION + REGRESSION
 PROMPT_STYLES = ("chat", "alpaca")
@@ -164,7 +164,8 @@ class TrainConfig:
         metavar="NAME|PATH",
     )
     method: str = _opt("model", "lily", "lily, lora (PEFT, at Lily's parameter budget), peft-lily (PEFT's own Lily, "
-                       "same r, A groups and experts), full, or head-only.", choices=METHODS)  # fmt: skip
+                       "same r, A groups and experts), peft-vera (PEFT's VeRA: frozen shared random projections, "
+                       "trained per-layer scales), full, or head-only.", choices=METHODS)  # fmt: skip
     model_dtype: str = _opt(
         "model",
         "float32",
@@ -217,6 +218,8 @@ class TrainConfig:
     lora_r: int | None = _opt("adapter", None, "LoRA rank.", bounds=POSITIVE,
                               shown="the rank whose parameter count is closest to Lily's")  # fmt: skip
     lora_alpha: float | None = _opt("adapter", None, "LoRA alpha.", bounds=ABOVE_ZERO, shown="2 x --lora-r")
+    vera_r: int = _opt("adapter", 256, "VeRA rank (--method peft-vera): each adapted layer trains r + d_out scales.",
+                       bounds=POSITIVE)  # fmt: skip
 
     # optimisation
     epochs: int = _opt("optimisation", 2, "Training epochs.", bounds=POSITIVE)

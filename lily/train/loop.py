@@ -488,6 +488,6 @@ def _head_path(model: torch.nn.Module, head: str) -> str:
 
 def _describe(cfg: TrainConfig, info: Any) -> str:
     matched = f"Lily {info.lily_budget:,} vs LoRA r={info.lora_r} {info.lora_params:,}"
-    if cfg.method in ("lily", "lora", "peft-lily"):
+    if cfg.method not in ("full", "head-only"):
         return f"{cfg.method}: {info.adapter:,} adapter + {info.head:,} head parameters (same targets: {matched})"
     return f"{cfg.method}: {info.trainable:,} trainable parameters ({info.head:,} in the head; {matched})"

@@ -1,4 +1,5 @@
-"""Fine-tuning methods: Lily, LoRA (PEFT) at Lily's parameter budget, PEFT's own Lily, full fine-tuning, head only.
+"""Fine-tuning methods: Lily, LoRA (PEFT) at Lily's parameter budget, PEFT's own Lily, PEFT's VeRA (a shared-parameter
+peer), full fine-tuning, head only.
 
 Every method also trains the task head fully (a new classification head must learn), so the methods
 differ only in how the backbone is adapted.
@@ -22,7 +23,7 @@ from lily.train.config import TrainConfig
 
 TARGET_CANDIDATES = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("q", "v"))
 TRAINED_FILE = "trained.safetensors"
-PEFT_METHODS = ("lora", "peft-lily")
+PEFT_METHODS = ("lora", "peft-lily", "peft-vera")
 """Methods that PEFT applies and saves (`save_pretrained` / `PeftModel.from_pretrained`)."""
 
 
@@ -92,11 +93,14 @@ def apply_method(cfg: TrainConfig, model: nn.Module, head: list[str]) -> tuple[n
     if cfg.method == "lily":
         lily.inject(model, config)
     elif cfg.method in PEFT_METHODS:
-        from peft import LilyConfig, LoraConfig, get_peft_model
+        from peft import LilyConfig, LoraConfig, VeraConfig, get_peft_model
 
         if cfg.method == "lora":
             peft_config = LoraConfig(r=lora_r, lora_alpha=cfg.lora_alpha or 2 * lora_r, target_modules=targets,
                                      lora_dropout=cfg.adapter_dropout, modules_to_save=head or None)  # fmt: skip
+        elif cfg.method == "peft-vera":
+            peft_config = VeraConfig(r=cfg.vera_r, target_modules=targets, vera_dropout=cfg.adapter_dropout,
+                                     projection_prng_key=cfg.seed, modules_to_save=head or None)  # fmt: skip
         else:
             stride = peft_stride(plan_targets(model, config), config.num_A)
             peft_config = LilyConfig(r=config.r, stride_A=stride, num_B=config.num_B,
@@ -128,12 +132,14 @@ def peft_stride(plan: list[TargetType], num_A: int) -> int:
     )
 
 
-UP_PROJECTIONS = (".lora_B.", ".lily_B.", ".lily_router.")
-"""Name parts of PEFT's up-projections and routers (LoRA's B; PEFT Lily's B experts and routers)."""
+UP_PROJECTIONS = (".lora_B.", ".lily_B.", ".lily_router.", ".vera_lambda_b.")
+"""Name parts of PEFT's up-projections and routers (LoRA's B; PEFT Lily's B experts and routers; VeRA's output
+scales)."""
 
 
 def up_projections(model: nn.Module) -> set[int]:
-    """ids of the parameters --lr-ratio-B scales: Lily's B experts and routers, or PEFT's LoRA B / Lily B and router."""
+    """ids of the parameters --lr-ratio-B scales: Lily's B experts and routers, or PEFT's LoRA B / Lily B and
+    router / VeRA output scales."""
     if lily.adapter.find_adapters(model) is not None:
         named = lily.adapter_parameters(model).items()
         return {id(p) for n, p in named if n.endswith((".B", ".router"))}

@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lily.durable import commit, fsync_dir, fsync_file, temp_name, write_atomic, write_new
 from lily.errors import LilyError
 from lily.train.config import TrainConfig
 
@@ -95,59 +96,9 @@ class Progress:
     """Optimizer steps skipped because a gradient was not finite."""
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the entries of directory `path` durable (a no-op on Windows, where directories cannot be opened)."""
-    if os.name != "nt":
-        _fsync_file(path)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """`data` in `path`, synced to disk."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _temporary(path: Path) -> Path:
-    """A new, empty file `.NAME.<hex>.tmp` beside `path`, with the default mode (unlike mkstemp's 0600)."""
-    temp = path.with_name(f".{path.name}.{os.urandom(8).hex()}.tmp")
-    os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return temp
-
-
-def _commit(temp: Path, path: Path) -> None:
-    """Rename `temp` over `path` (atomic) and sync the directory; `temp` is removed if the rename fails."""
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by a file holding `data`, all or nothing, through a synced temporary file."""
-    temp = _temporary(path)
-    try:
-        _write_file(temp, data)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _commit(temp, path)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """Replace `path` by `data` as indented JSON, all or nothing."""
-    _write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def read_run(out: Path) -> dict[str, Any] | None:
@@ -346,7 +297,7 @@ def save_checkpoint(
     root = out / CHECKPOINT_DIR
     if not root.is_dir():
         root.mkdir()
-        _fsync_dir(out)
+        fsync_dir(out)
     current = _current(root)
     for entry in root.iterdir():
         if entry.name != current and SEQUENCE.fullmatch(entry.name) and entry.is_dir():
@@ -361,16 +312,16 @@ def save_checkpoint(
                  "progress": asdict(progress)}  # fmt: skip
         encoded, state_tensors = encode_state(state)
         header = {"format": STATE_FORMAT, "version": FORMAT_VERSION, "state": encoded}
-        _write_file(new / STATE_FILE, json.dumps(header, allow_nan=False).encode())
+        write_new(new / STATE_FILE, json.dumps(header, allow_nan=False).encode())
         mode = (new / STATE_FILE).stat().st_mode & 0o777  # the default mode; safetensors creates files as 0600
         for file, content in ((TRAINABLE_FILE, tensors), (STATE_TENSORS_FILE, state_tensors)):
             save_file(content, new / file)
             os.chmod(new / file, mode)
-            _fsync_file(new / file)
-        _fsync_dir(new)
-        _fsync_dir(root)
+            fsync_file(new / file)
+        fsync_dir(new)
+        fsync_dir(root)
         pointer = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "directory": name, "step": progress.step}
-        _write_atomic(root / POINTER_FILE, (json.dumps(pointer) + "\n").encode())
+        write_atomic(root / POINTER_FILE, (json.dumps(pointer) + "\n").encode())
     except BaseException:
         with contextlib.suppress(RunDirError):
             if _current(root) != name:  # not committed: the new directory is only a leftover
@@ -515,11 +466,11 @@ def plot_figure(metrics: dict[str, Any], references: list[dict[str, Any]]) -> An
 def write_plot(out: Path, metrics: dict[str, Any], references: list[dict[str, Any]]) -> None:
     """plot.png (`plot_figure`), written all or nothing."""
     fig = plot_figure(metrics, references)
-    temp = _temporary(out / PLOT_FILE)
+    temp = temp_name(out / PLOT_FILE)
     try:
         fig.savefig(temp, dpi=100, format="png")
-        _fsync_file(temp)
+        fsync_file(temp)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _commit(temp, out / PLOT_FILE)
+    commit(temp, out / PLOT_FILE)
