@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def fsync_file(path: Path) -> None:
-    """Make the content of file `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+    """Make the content of file `path` durable (Windows needs a writable handle to flush it)."""
+    fd = os.open(path, os.O_RDONLY if os.name == "posix" else os.O_RDWR)
     try:
         os.fsync(fd)
     finally:

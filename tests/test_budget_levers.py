@@ -18,7 +18,7 @@ from lily.io import CONFIG_NAME
 from lily.train.config import TrainConfig, config_from_args
 from lily.train.loop import train
 from lily.train.methods import apply_method, lily_config, up_projections
-from tests.helpers import model_inputs, randomize_adapter, tiny_bert
+from tests.helpers import model_inputs, randomize_adapter, tiny_bert, tiny_vit
 from tests.test_io import edit_config
 from tests.test_train import quiet, text_cfg
 
@@ -271,6 +271,10 @@ def test_train_options_are_checked():
         ({"lily_init": "zeros"}, "--lily-init must be one of lora, experts"),
         ({"router_init_scale": 2000}, r"--router-init-scale must be a number in \(0, 1000\]"),
         ({"expert_diversity": -1}, "--expert-diversity must be a number >= 0"),
+        (
+            {"method": "peft-vera", "budget_lora_rank": 2, "lora_r": 4},
+            r"^--method peft-vera sizes VeRA by --vera-r alone; leave out --budget-lora-rank, --lora-r\.$",
+        ),
     ]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig(task="text-cls", data="x.csv", **kw)
@@ -358,6 +362,12 @@ def test_peft_vera_run_trains_per_layer_scales_and_reloads(tiny_bert_dir, text_c
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "VERA"
     assert main(["eval", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"test accuracy: {metrics['test']:.4f}"
+
+
+def test_peft_vera_refuses_conv_targets():
+    cfg = TrainConfig(task="image-cls", data="x", method="peft-vera", targets=["projection"], num_A=1)
+    with pytest.raises(ConfigError, match=r"^--method peft-vera: PEFT's VeRA adapts Linear layers only, not the convs"):
+        apply_method(cfg, tiny_vit(1), ["classifier"])
 
 
 def test_budget_lora_rank_run_with_experts_init_and_diversity(tiny_bert_dir, text_csv, tmp_path, monkeypatch):

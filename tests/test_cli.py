@@ -138,8 +138,8 @@ def test_train_help_reads_well(capsys):
     assert text.startswith("usage: lily train [--task TASK] [--model MODEL] [--data DATA]")
     titles = re.findall(r"^(\S[^\n]*):$", text, re.M)
     assert titles == ["options", "task and data", "model, method and hardware",
-                      "adapter (Lily, and LoRA for --method lora)", "optimisation", "evaluation", "output",
-                      "examples"]  # fmt: skip
+                      "adapter (Lily; LoRA and VeRA for --method lora / peft-vera)", "optimisation", "evaluation",
+                      "output", "examples"]  # fmt: skip
     entries = re.split(r"\n(?=  --)", text.split("\nexamples:")[0])
     flags = [e for e in entries if e.startswith("  --") and not e.startswith(("  --help", "  --config"))]
     assert len(flags) == len(dataclasses.fields(TrainConfig))

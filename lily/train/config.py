@@ -35,7 +35,7 @@ DEFAULT_DATA = {"text-cls": "tweets", "causal-lm": "chat", "image-cls": "fashion
 GROUPS = {
     "data": "task and data",
     "model": "model, method and hardware",
-    "adapter": "adapter (Lily, and LoRA for --method lora)",
+    "adapter": "adapter (Lily; LoRA and VeRA for --method lora / peft-vera)",
     "optimisation": "optimisation",
     "evaluation": "evaluation",
     "output": "output",
@@ -213,7 +213,7 @@ class TrainConfig:
                                    "Lily's B experts, added to the loss.", bounds=COUNT)  # fmt: skip
     routing: str | None = _opt("adapter", None, "How Lily weighs its B experts.", choices=ROUTING_MODES,
                                shown="token for causal-lm, sample otherwise")  # fmt: skip
-    adapter_dropout: float = _opt("adapter", 0.0, "Dropout on the adapter input (Lily and LoRA).",
+    adapter_dropout: float = _opt("adapter", 0.0, "Dropout on the adapter input (Lily, LoRA, VeRA).",
                                   bounds=Bounds(0, 1, high_open=True))  # fmt: skip
     lora_r: int | None = _opt("adapter", None, "LoRA rank.", bounds=POSITIVE,
                               shown="the rank whose parameter count is closest to Lily's")  # fmt: skip
@@ -229,7 +229,8 @@ class TrainConfig:
     grad_accum: int = _opt("optimisation", 1, "Gradient accumulation steps.", bounds=POSITIVE)
     lr: float = _opt("optimisation", 2e-3, "Peak learning rate.", bounds=ABOVE_ZERO)
     lr_ratio_B: float = _opt("optimisation", 1.0, "Learning-rate multiplier of the up-projections: Lily's B experts "
-                             "and routers, LoRA's B (LoRA+ uses 16).", bounds=ABOVE_ZERO)  # fmt: skip
+                             "and routers (PEFT's too), LoRA's B (LoRA+ uses 16), VeRA's output scales.",
+                             bounds=ABOVE_ZERO)  # fmt: skip
     head_lr: float | None = _opt("optimisation", None, "Learning rate of a newly trained head.", bounds=ABOVE_ZERO,
                                  shown="--lr")  # fmt: skip
     weight_decay: float = _opt("optimisation", 0.0, "AdamW weight decay.", bounds=COUNT)
@@ -299,6 +300,11 @@ class TrainConfig:
                 raise ConfigError(
                     f"--method peft-lily (PEFT's Lily) has no {given}; leave it out or use --method lily."
                 )
+        if self.method == "peft-vera":
+            given = [flag for flag, value in (("--budget", self.budget), ("--budget-lora-rank", self.budget_lora_rank),
+                     ("--lora-r", self.lora_r), ("--lora-alpha", self.lora_alpha)) if value is not None]  # fmt: skip
+            if given:
+                raise ConfigError(f"--method peft-vera sizes VeRA by --vera-r alone; leave out {', '.join(given)}.")
         if self.budget is not None and self.budget_lora_rank is not None:
             raise ConfigError("give --budget or --budget-lora-rank, not both.")
         if self.min_lr > self.lr:

@@ -99,6 +99,10 @@ def apply_method(cfg: TrainConfig, model: nn.Module, head: list[str]) -> tuple[n
             peft_config = LoraConfig(r=lora_r, lora_alpha=cfg.lora_alpha or 2 * lora_r, target_modules=targets,
                                      lora_dropout=cfg.adapter_dropout, modules_to_save=head or None)  # fmt: skip
         elif cfg.method == "peft-vera":
+            convs = [t.target for t in plan_targets(model, config) if t.kernel_size]
+            if convs:
+                raise lily.ConfigError(f"--method peft-vera: PEFT's VeRA adapts Linear layers only, not the convs "
+                                       f"{convs}; choose Linear --targets.")  # fmt: skip
             peft_config = VeraConfig(r=cfg.vera_r, target_modules=targets, vera_dropout=cfg.adapter_dropout,
                                      projection_prng_key=cfg.seed, modules_to_save=head or None)  # fmt: skip
         else:
