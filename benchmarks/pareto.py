@@ -1,5 +1,5 @@
-"""Accuracy per trainable parameter: Lily against LoRA (and PEFT's Lily, head-only, full fine-tuning) on real tasks,
-every configuration tuned the same way.
+"""Accuracy per trainable parameter: Lily against LoRA (and PEFT's Lily, PEFT's VeRA, head-only, full fine-tuning)
+on real tasks, every configuration tuned the same way.
 
 Protocol (the same for every configuration, Lily or not):
 - learning rates on a x2 grid (5 points to start); the lr is selected on the validation split only, with seed 0;
@@ -10,10 +10,16 @@ Protocol (the same for every configuration, Lily or not):
 - scale convention: LoRA's alpha = 2r (update scale alpha / r = 2) and Lily's s = 2, PEFT Lily's scaling = 2; since
   scale and lr trade one for one, sweeping lr at this fixed scale is enough;
 - budgets: LoRA at ranks `LORA_RANKS`; Lily fitted to each of those budgets with `lily.fit_budget` (the largest r
-  that costs at most what LoRA of that rank costs); trainable parameters count everything trained (adapter + the
-  task head every method trains).
+  that costs at most what LoRA of that rank costs); PEFT's VeRA (rank 256, learned scales only) as a
+  shared-parameter peer below LoRA r=1's cost; trainable parameters count everything trained (adapter + the task
+  head every method trains);
+- data (`BUDGETS`): 500 training examples for 2 epochs on the classification tasks; the causal LM (SmolLM2, 30
+  layers, several times the compute per example) gets 160 examples for 1 epoch, capped at 64 tokens, so that its
+  runs fit a few hours on 2 CPU cores. It has no head-only line (its head is the tied input embedding) and the
+  paper's shape and the levers run on the classification tasks only (`--no-levers`).
 
-    python -m benchmarks.pareto --task text-cls        # resumable: a rerun skips the runs results hold
+    python -m benchmarks.pareto --task text-cls image-cls   # resumable: a rerun skips the runs results hold
+    python -m benchmarks.pareto --task causal-lm --no-levers
     python -m benchmarks.pareto --task text-cls --report   # tables and plots from the results so far
     python -m benchmarks.pareto --quick                # tiny smoke run into pareto_quick* (about 5 min)
 
@@ -34,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +56,23 @@ SEEDS = (0, 1, 2)
 GRID_POINTS = 5
 MAX_GROWTH = 4
 """How many points a grid may grow by on one side before the study gives up on an interior optimum."""
+PLATEAU_FACTOR = 2
+"""The plateau check trains for this many times the study's epochs."""
 
 BUDGETS: dict[str, dict[str, Any]] = {
     "text-cls": {"max_train_samples": 500, "max_eval_samples": 200, "max_test_samples": 500, "epochs": 2,
                  "batch_size": 16},
     "image-cls": {"max_train_samples": 500, "max_eval_samples": 200, "max_test_samples": 500, "epochs": 2,
                   "batch_size": 16},
-    "causal-lm": {"max_train_samples": 200, "max_eval_samples": 100, "max_test_samples": 100, "epochs": 1,
-                  "batch_size": 8},
+    "causal-lm": {"max_train_samples": 160, "max_eval_samples": 64, "max_test_samples": 64, "epochs": 1,
+                  "batch_size": 8, "max_length": 64},
 }  # fmt: skip
 QUICK = {"max_train_samples": 64, "max_eval_samples": 32, "max_test_samples": 32, "epochs": 1, "batch_size": 16}
 ADAPTER_LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
-START_LRS = {"full": (1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4), "head-only": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)}
+START_LRS = {"full": (1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4), "head-only": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+             "peft-vera": (4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2)}  # fmt: skip
+VERA_RANK = 256
+"""PEFT's default VeRA rank: the shared-parameter peer, at one point (its cost barely depends on the rank)."""
 LEVERS: dict[str, dict[str, Any]] = {
     "experts init": {"lily_init": "experts"},
     "router init x4": {"router_init_scale": 4.0},
@@ -71,19 +82,23 @@ LEVERS: dict[str, dict[str, Any]] = {
 """Opt-in levers, each measured alone on the paper's shape (2 A groups, 4 experts) at the mid budget."""
 
 
-def configurations(levers: bool = True) -> dict[str, dict[str, Any]]:
-    """label -> `lily train` options of every contender (lr and seed come from the protocol)."""
+def configurations(task: str, levers: bool = True) -> dict[str, dict[str, Any]]:
+    """label -> `lily train` options of every contender on `task` (lr and seed come from the protocol); `levers`
+    adds the paper's shape and the levers on it. The causal LM has no head-only line: its head is the tied input
+    embedding, so head-only would train nothing."""
     corner = {"method": "lily", "num_A": 2, "num_B": 2, "scaling": SCALE}
     paper = {"method": "lily", "num_A": 2, "num_B": 4, "scaling": SCALE, "budget_lora_rank": MID_RANK}
     out: dict[str, dict[str, Any]] = {}
     for rank in LORA_RANKS:
         out[f"lora r={rank}"] = {"method": "lora", "lora_r": rank, "lora_alpha": SCALE * rank}
         out[f"lily 2A/2B @lora{rank}"] = {**corner, "budget_lora_rank": rank}
-    out[f"lily 2A/4B @lora{MID_RANK}"] = paper
     out[f"peft-lily 2A/2B @lora{MID_RANK}"] = {**corner, "method": "peft-lily", "budget_lora_rank": MID_RANK}
-    out["head-only"] = {"method": "head-only"}
+    if task != "causal-lm":
+        out["head-only"] = {"method": "head-only"}
     out["full"] = {"method": "full"}
+    out[f"peft-vera r={VERA_RANK}"] = {"method": "peft-vera", "vera_r": VERA_RANK}
     if levers:
+        out[f"lily 2A/4B @lora{MID_RANK}"] = paper
         out.update({f"lily 2A/4B @lora{MID_RANK} + {name}": {**paper, **extra} for name, extra in LEVERS.items()})
     return out
 
@@ -163,7 +178,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         cfg = TrainConfig(task=spec["task"], lr=spec["lr"], seed=spec["seed"], output_dir=out, **spec["budget"],
                           **spec["options"])  # fmt: skip
         m = train(cfg, log=lambda *a: None)
-        details: dict[str, Any] = {"wall_time_s": m["wall_time_s"], "best_step": m["best_step"]}
+        details: dict[str, Any] = {"wall_time_s": m["wall_time_s"], "best_step": m["best_step"], "steps": m["steps"],
+                                   "val_curve": m["val_curve"]}  # fmt: skip
         if cfg.method == "lily":
             run = load_run(out)
             examples = run.examples("validation")[:64]
@@ -189,6 +205,39 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"tasks": {}}
 
 
+def pool(todo: Callable[[], list[tuple[Any, dict[str, Any]]]], done: Callable[[Any, dict[str, Any]], None],
+         workers: int) -> None:  # fmt: skip
+    """Run worker specs, `workers` at a time, each in its own process: `todo()` lists the (key, spec) pairs still
+    to run (asked again after each finished run), `done(key, result)` takes each result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    running: dict[Any, subprocess.Popen] = {}
+    while True:
+        for key, spec in todo():
+            if len(running) >= workers:
+                break
+            if key not in running:
+                running[key] = subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.pareto", "--worker", json.dumps(spec)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                )  # fmt: skip
+        if not running:
+            return
+        time.sleep(1)
+        for key, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            out, err = proc.communicate()
+            del running[key]
+            if proc.returncode:
+                raise SystemExit(f"run {key} failed:\n{err[-3000:]}")
+            done(key, json.loads(out.strip().splitlines()[-1]))
+
+
+def labelled(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A task's runs, each with its configuration's label."""
+    return [{**r, "label": r["config"]["label"]} for r in entry["runs"]]
+
+
 def study(task: str, budget: dict[str, Any], configs: dict[str, dict[str, Any]], path: Path, details_path: Path,
           workers: int) -> None:  # fmt: skip
     """Run every pending run of `task`, `workers` at a time, saving after each."""
@@ -196,43 +245,69 @@ def study(task: str, budget: dict[str, Any], configs: dict[str, dict[str, Any]],
     entry = results["tasks"].setdefault(task, {"higher_is_better": task != "causal-lm", "runs": []})
     extra = details["tasks"].setdefault(task, {})
     higher = entry["higher_is_better"]
-
-    def labelled() -> list[dict[str, Any]]:
-        return [{**r, "label": r["config"]["label"]} for r in entry["runs"]]
-
-    running: dict[tuple[str, float, int], subprocess.Popen] = {}
     started = time.time()
-    while True:
-        todo = [k for k in pending(configs, labelled(), higher) if k not in running]
-        while todo and len(running) < workers:
-            label, lr, seed = todo.pop(0)
-            spec = {"task": task, "lr": lr, "seed": seed, "budget": budget, "options": configs[label]}
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-            running[(label, lr, seed)] = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.pareto", "--worker", json.dumps(spec)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            )  # fmt: skip
-        if not running:
-            break
-        time.sleep(1)
-        for key, proc in list(running.items()):
-            if proc.poll() is None:
-                continue
-            out, err = proc.communicate()
-            del running[key]
-            label, lr, seed = key
-            if proc.returncode:
-                raise SystemExit(f"run {key} failed:\n{err[-3000:]}")
-            got = json.loads(out.strip().splitlines()[-1])
-            run = {"method": configs[label]["method"], "config": {"label": label, **configs[label], **budget},
-                   "trainable_params": got["trainable_params"], "lr": lr, "seed": seed, "val": got["val"],
-                   "test": got["test"]}  # fmt: skip
-            entry["runs"].append(run)
-            extra[f"{label}|{lr:g}|{seed}"] = got["details"]
-            write_json_atomic(path, results)
-            write_json_atomic(details_path, details)
-            print(f"[{time.time() - started:7.0f} s] {label} lr={lr:g} seed={seed}: val {got['val']:.4f} "
-                  f"test {got['test']:.4f} ({got['details']['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+
+    def todo() -> list[tuple[Any, dict[str, Any]]]:
+        return [((label, lr, seed), {"task": task, "lr": lr, "seed": seed, "budget": budget, "options": configs[label]})
+                for label, lr, seed in pending(configs, labelled(entry), higher)]  # fmt: skip
+
+    def done(key: tuple[str, float, int], got: dict[str, Any]) -> None:
+        label, lr, seed = key
+        run = {"method": configs[label]["method"], "config": {"label": label, **configs[label], **budget},
+               "trainable_params": got["trainable_params"], "lr": lr, "seed": seed, "val": got["val"],
+               "test": got["test"]}  # fmt: skip
+        entry["runs"].append(run)
+        extra[f"{label}|{lr:g}|{seed}"] = got["details"]
+        write_json_atomic(path, results)
+        write_json_atomic(details_path, details)
+        print(f"[{time.time() - started:7.0f} s] {label} lr={lr:g} seed={seed}: val {got['val']:.4f} "
+              f"test {got['test']:.4f} ({got['details']['wall_time_s']:.0f} s)", flush=True)  # fmt: skip
+
+    pool(todo, done, workers)
+
+
+def best_configs(entry: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
+    """label -> (options, selected lr) of the best LoRA and the best Lily configuration, by seed-0 validation at
+    their selected lr (the study's own selection rule, applied across configurations)."""
+    runs, higher = labelled(entry), entry["higher_is_better"]
+    best: dict[str, tuple[str, float, float]] = {}
+    for label in dict.fromkeys(r["label"] for r in runs):
+        method = next(r["method"] for r in runs if r["label"] == label)
+        lr = selected_lr(label, runs, higher)
+        val = sweep(label, runs)[lr]
+        if method in ("lora", "lily") and (method not in best or _better(val, best[method][2], higher)):
+            best[method] = (label, lr, val)
+    out = {}
+    for label, lr, _ in best.values():
+        config = next(r["config"] for r in runs if r["label"] == label)
+        out[label] = ({k: v for k, v in config.items() if k != "label"}, lr)
+    return out
+
+
+def _better(a: float, b: float, higher: bool) -> bool:
+    """Whether score a beats b strictly (a tie keeps the earlier, cheaper configuration)."""
+    return a > b if higher else a < b
+
+
+def plateau(task: str, path: Path, details_path: Path, workers: int) -> None:
+    """Does validation still improve after the study's budget? The best LoRA and the best Lily train seed 0 at
+    their selected lr for PLATEAU_FACTOR x the study's epochs, validating twice per epoch; the curves go to
+    pareto_details.json ("plateau")."""
+    entry, details = load(path)["tasks"][task], load(details_path)
+    found = details.setdefault("plateau", {}).setdefault(task, {})
+    budget = BUDGETS[task]
+    steps = math.ceil(budget["max_train_samples"] / budget["batch_size"])
+    longer = {**budget, "epochs": budget["epochs"] * PLATEAU_FACTOR}
+    specs = {label: {"task": task, "lr": lr, "seed": SEEDS[0], "budget": longer,
+                     "options": {**{k: v for k, v in config.items() if k not in budget}, "eval_every": steps // 2}}
+             for label, (config, lr) in best_configs(entry).items()}  # fmt: skip
+
+    def done(label: str, got: dict[str, Any]) -> None:
+        found[label] = {"lr": specs[label]["lr"], "epochs": longer["epochs"], "test": got["test"], **got["details"]}
+        write_json_atomic(details_path, details)
+        print(f"plateau {task} {label}: {got['details']['val_curve']}", flush=True)
+
+    pool(lambda: [(k, s) for k, s in specs.items() if k not in found], done, workers)
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
@@ -286,7 +361,7 @@ def report(path: Path, details_path: Path) -> str:
     lines = ["# Accuracy per trainable parameter (benchmarks/pareto.py)", "", protocol, ""]
     for task, entry in results["tasks"].items():
         rows = summarise(task, entry, details["tasks"].get(task, {}))
-        budget = {k: v for k, v in entry["runs"][0]["config"].items() if k in BUDGETS["text-cls"]}
+        budget = {k: v for k, v in entry["runs"][0]["config"].items() if k in BUDGETS[task]}
         hours = sum(d.get("wall_time_s", 0) for d in details["tasks"].get(task, {}).values()) / 3600
         metric = "accuracy" if entry["higher_is_better"] else "perplexity"
         lines += [f"## {task} ({metric}, {'higher' if entry['higher_is_better'] else 'lower'} is better)", "",
@@ -317,9 +392,28 @@ def report(path: Path, details_path: Path) -> str:
                 over = "" if best["params"] <= 1.1 * row["params"] else " (more than 1.1x: the cheapest LoRA)"
                 lines.append(f"| {row['label']} | {row['params']:,} | {best['label']}{over} | {best['params']:,} | "
                              f"{paired(row, best)} |")  # fmt: skip
+        lines += plateau_table(entry, details.get("plateau", {}).get(task, {}))
         plot(task, rows, entry["higher_is_better"], metric)
         lines += ["", f"![{task}](pareto_{task}.png)", ""]
     return "\n".join(lines)
+
+
+def plateau_table(entry: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """The plateau check's rows: the study's seed-0 run against the same configuration trained longer."""
+    if not found:
+        return []
+    runs, sign = labelled(entry), 1 if entry["higher_is_better"] else -1
+    lines = ["", "Plateau check: the best LoRA and the best Lily by validation, seed 0 at the selected lr, "
+             f"trained {PLATEAU_FACTOR}x as many epochs (the lr schedule stretched to match) and validated twice per "
+             "epoch.", "", "| configuration | lr | study: val / test | longer: validation by step | longer: best val "
+             "(step) / test |", "|---|---|---|---|---|"]  # fmt: skip
+    for label, got in found.items():
+        study = next(r for r in runs if r["label"] == label and r["seed"] == SEEDS[0] and _same(r["lr"], got["lr"]))
+        curve = ", ".join(f"{p['step']}: {p['val_metric']:.4f}" for p in got["val_curve"])
+        best = max(got["val_curve"], key=lambda p: sign * p["val_metric"])
+        lines.append(f"| {label} | {got['lr']:g} | {study['val']:.4f} / {study['test']:.4f} | {curve} | "
+                     f"{best['val_metric']:.4f} ({best['step']}) / {got['test']:.4f} |")  # fmt: skip
+    return lines
 
 
 def plot(task: str, rows: list[dict[str, Any]], higher: bool, metric: str) -> None:
@@ -355,7 +449,7 @@ def plot(task: str, rows: list[dict[str, Any]], higher: bool, metric: str) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(BUDGETS), nargs="+", default=["text-cls"])
-    parser.add_argument("--no-levers", action="store_true", help="Leave out the lever contenders.")
+    parser.add_argument("--no-levers", action="store_true", help="Leave out the paper's shape and the levers on it.")
     parser.add_argument("--workers", type=int, default=2, help="Runs at a time (each uses one CPU thread).")
     parser.add_argument("--report", action="store_true", help="Only write pareto.md and the plots.")
     parser.add_argument("--quick", action="store_true", help="A tiny smoke study into pareto_quick*.json.")
@@ -367,11 +461,13 @@ def main() -> None:
     stem = "pareto_quick" if args.quick else "pareto"
     path, details_path = RESULTS / f"{stem}.json", RESULTS / f"{stem}_details.json"
     if not args.report:
-        configs = configurations(levers=not args.no_levers and not args.quick)
-        if args.quick:
-            configs = {k: v for k, v in configs.items() if k in ("lora r=1", "lily 2A/2B @lora1")}
         for task in args.task:
+            configs = configurations(task, levers=not args.no_levers and not args.quick)
+            if args.quick:
+                configs = {k: v for k, v in configs.items() if k in ("lora r=1", "lily 2A/2B @lora1")}
             study(task, QUICK if args.quick else BUDGETS[task], configs, path, details_path, args.workers)
+            if not args.quick:
+                plateau(task, path, details_path, args.workers)
     text = report(path, details_path)
     (RESULTS / f"{stem}.md").write_text(text + "\n")
     print(text)
