@@ -179,7 +179,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                           **spec["options"])  # fmt: skip
         m = train(cfg, log=lambda *a: None)
         details: dict[str, Any] = {"wall_time_s": m["wall_time_s"], "best_step": m["best_step"], "steps": m["steps"],
-                                   "val_curve": m["val_curve"]}  # fmt: skip
+                                   "val_curve": m["val_curve"], "test_before": m["test_before"]}  # fmt: skip
         if cfg.method == "lily":
             run = load_run(out)
             examples = run.examples("validation")[:64]
@@ -405,7 +405,8 @@ def plateau_table(entry: dict[str, Any], found: dict[str, Any]) -> list[str]:
     runs, sign = labelled(entry), 1 if entry["higher_is_better"] else -1
     lines = ["", "Plateau check: the best LoRA and the best Lily by validation, seed 0 at the selected lr, "
              f"trained {PLATEAU_FACTOR}x as many epochs (the lr schedule stretched to match) and validated twice per "
-             "epoch.", "", "| configuration | lr | study: val / test | longer: validation by step | longer: best val "
+             f"epoch. Untrained, the test score is {next(iter(found.values()))['test_before']:.4f}.", "",
+             "| configuration | lr | study: val / test | longer: validation by step | longer: best val "
              "(step) / test |", "|---|---|---|---|---|"]  # fmt: skip
     for label, got in found.items():
         study = next(r for r in runs if r["label"] == label and r["seed"] == SEEDS[0] and _same(r["lr"], got["lr"]))
