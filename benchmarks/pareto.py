@@ -269,24 +269,17 @@ def study(task: str, budget: dict[str, Any], configs: dict[str, dict[str, Any]],
 def best_configs(entry: dict[str, Any]) -> dict[str, tuple[dict[str, Any], float]]:
     """label -> (options, selected lr) of the best LoRA and the best Lily configuration, by seed-0 validation at
     their selected lr (the study's own selection rule, applied across configurations)."""
-    runs, higher = labelled(entry), entry["higher_is_better"]
-    best: dict[str, tuple[str, float, float]] = {}
-    for label in dict.fromkeys(r["label"] for r in runs):
-        method = next(r["method"] for r in runs if r["label"] == label)
-        lr = selected_lr(label, runs, higher)
-        val = sweep(label, runs)[lr]
-        if method in ("lora", "lily") and (method not in best or _better(val, best[method][2], higher)):
-            best[method] = (label, lr, val)
+    runs, sign = labelled(entry), 1 if entry["higher_is_better"] else -1
+    configs = {r["label"]: r["config"] for r in runs}
     out = {}
-    for label, lr, _ in best.values():
-        config = next(r["config"] for r in runs if r["label"] == label)
-        out[label] = ({k: v for k, v in config.items() if k != "label"}, lr)
+    for method in ("lora", "lily"):
+        chosen = {label: selected_lr(label, runs, sign > 0) for label, c in configs.items() if c["method"] == method}
+        if not chosen:
+            continue
+        # min keeps the first of equal scores: the earlier, cheaper configuration
+        label = min(chosen, key=lambda name: -sign * sweep(name, runs)[chosen[name]])
+        out[label] = ({k: v for k, v in configs[label].items() if k != "label"}, chosen[label])
     return out
-
-
-def _better(a: float, b: float, higher: bool) -> bool:
-    """Whether score a beats b strictly (a tie keeps the earlier, cheaper configuration)."""
-    return a > b if higher else a < b
 
 
 def plateau(task: str, path: Path, details_path: Path, workers: int) -> None:

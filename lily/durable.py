@@ -40,23 +40,14 @@ def temp_name(path: Path, prefix: str = ".") -> Path:
     return path.with_name(f"{prefix}{path.name}.{secrets.token_hex(8)}.tmp")
 
 
-def commit(temp: Path, path: Path) -> None:
-    """Rename the synced file `temp` over `path` (atomic) and sync the directory; `temp` is removed if the
-    rename fails."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by a file holding `data`, all or nothing: a synced temporary file renamed over it (removed
+    if anything fails), then the directory synced."""
+    temp = temp_name(path)
     try:
+        write_new(temp, data)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by a file holding `data`, all or nothing."""
-    temp = temp_name(path)
-    try:
-        write_new(temp, data)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    commit(temp, path)

@@ -5,7 +5,6 @@ validation."""
 from benchmarks.pareto import ADAPTER_LRS, SEEDS, best_configs, grid, pending, selected_lr
 
 LORA = {"method": "lora", "lora_r": 1}
-LILY = {"method": "lily", "num_A": 2, "num_B": 2}
 
 
 def runs(label, scores, seed=0, method="lora"):

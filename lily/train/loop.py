@@ -382,10 +382,12 @@ def _train(cfg: TrainConfig, log: Any, kept: _Kept) -> dict[str, Any]:
                 seen += len(next(iter(batch.values())))
                 if not accelerator.sync_gradients:
                     continue
-                with warnings.catch_warnings():
-                    if not finite:  # the schedule advances on a skipped step by design; torch warns of that as misuse
-                        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+                if finite:
                     scheduler.step()
+                else:  # the schedule advances on a skipped step by design; torch warns of that as misuse
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+                        scheduler.step()
                 progress.step += 1
                 if finite:
                     skipped_in_a_row = 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lily.durable import commit, fsync_dir, fsync_file, temp_name, write_atomic, write_new
+from lily.durable import fsync_dir, fsync_file, write_atomic, write_new
 from lily.errors import LilyError
 from lily.train.config import TrainConfig
 
@@ -465,12 +466,6 @@ def plot_figure(metrics: dict[str, Any], references: list[dict[str, Any]]) -> An
 
 def write_plot(out: Path, metrics: dict[str, Any], references: list[dict[str, Any]]) -> None:
     """plot.png (`plot_figure`), written all or nothing."""
-    fig = plot_figure(metrics, references)
-    temp = temp_name(out / PLOT_FILE)
-    try:
-        fig.savefig(temp, dpi=100, format="png")
-        fsync_file(temp)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    commit(temp, out / PLOT_FILE)
+    png = io.BytesIO()
+    plot_figure(metrics, references).savefig(png, dpi=100, format="png")
+    write_atomic(out / PLOT_FILE, png.getvalue())
