@@ -3,7 +3,8 @@
 Whole-model timings on a small CPU bury the adapters' cost in noise; here the frozen stack (backward still
 runs through it) is the baseline and each contender's extra time is compared with LoRA's at the same
 rank, all interleaved in one process. Also measured: each routing mode under `torch.compile` against the
-same model in eager mode (timed in the same rounds), and the memory autograd keeps for backward.
+same model in eager mode and against compiled LoRA (timed in the same rounds), and the memory autograd keeps
+for backward.
 
     python -m benchmarks.layer_overhead --quick     # a few minutes on 2 CPU cores
 """
@@ -78,7 +79,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {k: m.to(device) for k, m in build(args).items()}
     modes = [k for k in models if k.startswith("lily-")]
-    compiled = {} if args.no_compile else {k: torch.compile(models[k], dynamic=False) for k in modes}
+    compiled_names = [] if args.no_compile else ["frozen", "lora", *modes]
+    compiled = {k: torch.compile(models[k], dynamic=False) for k in compiled_names}
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     rows = []
     for batch, tokens in shapes:
@@ -98,12 +100,15 @@ def main() -> None:
             medians = interleaved_medians({k: (lambda m=m: step(m)) for k, m in contenders.items()}, args.repeats,
                                           device)  # fmt: skip
             lora = medians["lora"] - medians["frozen"]
+            compiled_lora = compiled and medians["lora compiled"] - medians["frozen compiled"]
             for k in models:
                 row = {"batch": batch, "tokens": tokens, "phase": phase, "contender": k, "ms": 1e3 * medians[k],
                        "overhead_vs_lora": (medians[k] - medians["frozen"]) / lora}  # fmt: skip
                 if k in compiled:
                     row["compiled_ms"] = 1e3 * medians[f"{k} compiled"]
                     row["compiled_vs_eager"] = medians[f"{k} compiled"] / medians[k]
+                    overhead_ms = medians[f"{k} compiled"] - medians["frozen compiled"]
+                    row["compiled_overhead_vs_lora"] = overhead_ms / compiled_lora
                 if phase == "train":
                     row["saved_bytes"], row["saved_activation_bytes"] = memory[k]
                     row["saved_vs_lora"] = memory[k][0] / memory["lora"][0]
@@ -115,7 +120,7 @@ def main() -> None:
 
     names = [k for k in models if k not in ("frozen", "lora")]
     setting = f"r={args.r}; {args.depth} x Linear({args.width}); num_A={args.num_A}, num_B={args.num_B}"
-    overhead, speedup, memory_rows = [], [], []
+    overhead, speedup, compiled_overhead, memory_rows = [], [], [], []
     for shape in shapes:
         label = "x".join(map(str, shape))
         for phase in ("train", "inference"):
@@ -124,6 +129,9 @@ def main() -> None:
             overhead.append([label, phase, f"{lora_ms:.2f}", *(f"{sel[n]['overhead_vs_lora']:.2f}" for n in names)])
             if compiled:
                 speedup.append([label, phase, *(f"{sel[n]['compiled_vs_eager']:.2f}" for n in modes)])
+                compiled_lora_ms = sel["lora"]["compiled_ms"] - sel["frozen"]["compiled_ms"]
+                compiled_overhead.append([label, phase, f"{compiled_lora_ms:.2f}",
+                                          *(f"{sel[n]['compiled_overhead_vs_lora']:.2f}" for n in modes)])  # fmt: skip
         sel = cells(shape, "train")
         memory_rows.append([label, f"{sel['lora']['saved_bytes'] / 2**20:.2f}",
                             *(f"{sel[n]['saved_vs_lora']:.3f} / {sel[n]['saved_activations_vs_lora']:.3f}"
@@ -133,6 +141,8 @@ def main() -> None:
     if compiled:
         lines += table("torch.compile (inductor) step time / eager step time, same model, same rounds (< 1: "
                        "compiled is faster)", ["batch x tokens", "phase", *modes], speedup)  # fmt: skip
+        lines += table("Compiled adapter overhead / compiled LoRA's overhead (both torch.compile'd, same rounds)",
+                       ["batch x tokens", "phase", "compiled LoRA overhead ms", *modes], compiled_overhead)  # fmt: skip
     lines += table("Saved-for-backward memory of a train step / LoRA's: all saved storages / activations only "
                    "(parameters excluded)", ["batch x tokens", "LoRA MiB (all)", *names], memory_rows)  # fmt: skip
     text = "\n".join(lines).rstrip()

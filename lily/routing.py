@@ -19,12 +19,15 @@ mode         expert weights w                                            propert
 `add_experts` adds the update to the base layer's output in one matmul per layer. Pooled modes mix the
 experts first: one d_out x r map per layer ("batch", "static", "uniform") or per example ("sample", a
 batched matmul), costing about what LoRA's up-projection costs. "token" scales h by each expert's weight
-and applies all E experts to every token as one (E*r) x d_out map.
+and applies all E experts to every token as one (E*r) x d_out map. For "sample" and "token" the update is one
+autograd node (`RowMix`) that rebuilds the mixed experts in backward instead of keeping them.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,8 @@ from lily.errors import MergeError
 ROUTING_MODES = ("batch", "sample", "token", "static", "uniform")
 DATA_DEPENDENT = ("batch", "sample", "token")
 MERGEABLE = ("static", "uniform")
+ROW_MIXED = ("sample", "token")
+"""Modes whose expert mix differs between rows of h (examples or tokens): their update is one `RowMix` node."""
 
 
 def require_mergeable(mode: str) -> None:
@@ -127,20 +132,77 @@ def add_experts(
     dim counts the examples, and `mask` (examples, positions) the positions that count when it has base's
     leading shape (else all count). `experts` is (E, d_out, r).
     """
-    num_B, d_out, r = experts.shape
-    if mode == "sample":  # one mix per example, applied by one batched matmul
+    num_B, d_out = experts.shape[:2]
+    if mode in ROW_MIXED:
         examples = base.shape[0] if base.dim() > 1 else 1
         if mask is not None and (base.dim() != 3 or mask.shape != base.shape[:2]):
             mask = None
-        mixed = mix_experts(expert_weights(mode, h, router, num_B, mask, examples), experts)
-        out = torch.baddbmm(base.reshape(examples, -1, d_out), h.view(examples, -1, r), mixed.mT, alpha=alpha)
-        return out.view(base.shape)
-    if mode == "token":  # h scaled by each expert's weight; all E experts applied as one (E*r) x d_out map
-        weights = expert_weights(mode, h, router, num_B)
-        hidden = (weights.unsqueeze(-1) * h.unsqueeze(-2)).view(-1, num_B * r)
-        up = experts.permute(1, 0, 2).reshape(d_out, num_B * r)  # copied in r-long runs, far cheaper than B^T's
-    elif mode == "uniform":  # the experts' mean: their sum, 1/E folded into alpha
+        inputs = (base, h, expert_weights(mode, h, router, num_B, mask, examples), experts)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+            return RowMix.apply(mode, *inputs, alpha)
+        return row_mix(mode, *inputs, alpha)
+    if mode == "uniform":  # the experts' mean: their sum, 1/E folded into alpha
         hidden, up, alpha = h, experts.sum(dim=0), alpha / num_B
     else:  # "batch", "static": one mix per call
         hidden, up = h, mix_experts(expert_weights(mode, h, router, num_B), experts)
     return torch.addmm(base.reshape(-1, d_out), hidden, up.t(), alpha=alpha).view(base.shape)
+
+
+def token_operands(h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, up) of "token" routing: h scaled by each expert's weight, (tokens, E*r), and the E experts side by
+    side, (d_out, E*r) -- copied in r-long runs, far cheaper than B^T's -- so one matmul applies all of them."""
+    num_B, d_out, r = experts.shape
+    hidden = (weights.unsqueeze(-1) * h.unsqueeze(-2)).view(-1, num_B * r)
+    return hidden, experts.permute(1, 0, 2).reshape(d_out, num_B * r)
+
+
+def row_mix(mode: str, base: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+            alpha: float) -> torch.Tensor:  # fmt: skip
+    """base + alpha * sum_e w_e (h B_e^T) with weights per example ("sample", (examples, E): one mix per example,
+    applied by one batched matmul) or per token ("token", (tokens, E): one (E*r)-wide matmul)."""
+    _, d_out, r = experts.shape
+    if mode == "token":
+        hidden, up = token_operands(h, weights, experts)
+        return torch.addmm(base.reshape(-1, d_out), hidden, up.t(), alpha=alpha).view(base.shape)
+    examples = weights.shape[0]
+    mixed = mix_experts(weights, experts)
+    out = torch.baddbmm(base.reshape(examples, -1, d_out), h.view(examples, -1, r), mixed.mT, alpha=alpha)
+    return out.view(base.shape)
+
+
+class RowMix(torch.autograd.Function):
+    """`row_mix` as one autograd node that keeps only h, the weights and the experts for backward and rebuilds the
+    mixed experts there (one matmul for "sample", an elementwise product and a copy for "token"). Plain autograd
+    keeps them: E*r numbers per token for "token", a d_out x r map per example for "sample", which made both
+    save more than LoRA."""
+
+    @staticmethod
+    def forward(ctx: Any, mode: str, base: torch.Tensor, h: torch.Tensor, weights: torch.Tensor,
+                experts: torch.Tensor, alpha: float) -> torch.Tensor:  # fmt: skip
+        device = h.device.type
+        ctx.mode, ctx.alpha, ctx.device = mode, alpha, device
+        ctx.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.save_for_backward(h, weights, experts)
+        return row_mix(mode, base, h, weights, experts, alpha)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, weights, experts = ctx.saved_tensors
+        num_B, d_out, r = experts.shape
+        amp = nullcontext() if ctx.autocast is None else torch.autocast(ctx.device, dtype=ctx.autocast)
+        with amp:  # the forward's precision
+            if ctx.mode == "token":
+                hidden, up = token_operands(h, weights, experts)
+                grad = grad_out.reshape(-1, d_out) * ctx.alpha
+                grad_hidden = torch.mm(grad, up).view(-1, num_B, r)
+                grad_experts = torch.mm(grad.t(), hidden).view(d_out, num_B, r).permute(1, 0, 2)
+                grad_weights = (grad_hidden * h.unsqueeze(-2)).sum(-1)
+                grad_h = (grad_hidden * weights.unsqueeze(-1)).sum(-2)
+            else:
+                examples = weights.shape[0]
+                grad = grad_out.reshape(examples, -1, d_out) * ctx.alpha
+                grad_h = torch.bmm(grad, mix_experts(weights, experts)).view(-1, r)
+                grad_mixed = torch.bmm(grad.mT, h.view(examples, -1, r)).view(examples, -1)
+                grad_weights = torch.mm(grad_mixed, experts.view(num_B, -1).t())
+                grad_experts = torch.mm(weights.t(), grad_mixed).view(num_B, d_out, r)
+        return None, grad_out, grad_h, grad_weights, grad_experts, None
