@@ -1,6 +1,8 @@
 """The fused forward (one matmul adds the update to the base output) keeps the reference maths for every input
 layout, dtype and memory format it meets, and its gradients are the reference formula's."""
 
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,31 @@ def test_cpu_autocast_computes_in_bfloat16_and_trains_float32_parameters(mode):
     assert all(p.dtype == torch.float32 and p.grad is not None for p in trained)
     for p, want in zip(trained, full_grads, strict=True):
         torch.testing.assert_close(p.grad, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_in_place_op_may_follow_an_adapted_layer(mode):
+    """E.g. `nn.ReLU(inplace=True)` after an adapted Linear (torchvision's VGG): the output is no view made
+    inside an autograd node, so modifying it in place is legal and its gradient is the reference one."""
+    model, layer = adapted_linear(mode)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    torch.relu_(model(x)).sum().backward()
+    want = torch.autograd.grad(torch.relu(reference_layer(layer, x)).sum(), x)[0]
+    torch.testing.assert_close(x.grad, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forward_mode_ad_vmap_and_func_grad_give_the_reference_results(mode):
+    _, layer = adapted_linear(mode)
+    x, tangent = torch.randn(2, 2, 5, 12, dtype=torch.float64).unbind(0)
+    reference = functools.partial(reference_layer, layer)
+    got = torch.func.jvp(layer, (x,), (tangent,))  # forward mode
+    want = torch.autograd.functional.jvp(reference, x, tangent)  # reverse mode twice, on the reference maths
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.vmap(layer)(x), torch.stack([layer(row) for row in x]))
+    got = torch.func.grad(lambda inputs: layer(inputs).sum())(x)
+    want = torch.autograd.grad(reference(x.requires_grad_()).sum(), x)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["sample", "token"])
