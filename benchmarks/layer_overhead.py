@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    parser.add_argument("--cpu-time", action="store_true", help="time by CPU time (a noisy host; with --threads 1)")
     parser.add_argument("--name", default="layer_overhead", help="result file stem in benchmarks/results")
     args = parser.parse_args()
     if args.quick:
@@ -98,7 +99,7 @@ def main() -> None:
             contenders = {**models, **{f"{k} compiled": m for k, m in compiled.items()}}
             torch._dynamo.reset()  # compile afresh in the warm-up round: one graph per model, no stale guards
             medians = interleaved_medians({k: (lambda m=m: step(m)) for k, m in contenders.items()}, args.repeats,
-                                          device)  # fmt: skip
+                                          device, args.cpu_time)  # fmt: skip
             lora = medians["lora"] - medians["frozen"]
             compiled_lora = compiled and medians["lora compiled"] - medians["frozen compiled"]
             for k in models:
@@ -119,7 +120,9 @@ def main() -> None:
         return {r["contender"]: r for r in rows if (r["batch"], r["tokens"], r["phase"]) == (*shape, phase)}
 
     names = [k for k in models if k not in ("frozen", "lora")]
-    setting = f"r={args.r}; {args.depth} x Linear({args.width}); num_A={args.num_A}, num_B={args.num_B}"
+    clock = "process CPU time" if args.cpu_time and device.type == "cpu" else "wall time"
+    setting = (f"r={args.r}; {args.depth} x Linear({args.width}); num_A={args.num_A}, num_B={args.num_B}; "
+               f"{torch.get_num_threads()} torch thread(s), {clock}")  # fmt: skip
     overhead, speedup, compiled_overhead, memory_rows = [], [], [], []
     for shape in shapes:
         label = "x".join(map(str, shape))
