@@ -108,11 +108,8 @@ def saved_for_backward_bytes(run: Callable[[], torch.Tensor]) -> int:
 
 
 def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, device: torch.device,
-                        cpu_time: bool = False) -> dict[str, float]:  # fmt: skip
-    """Median seconds of each step, timing the contenders in turn (one warm-up round is dropped). `cpu_time`
-    (CPU only): count the process's CPU time, not wall time, so time the host gives other tenants does not count;
-    with one torch thread it is the step's compute time."""
-    clock = time.process_time if cpu_time and device.type == "cpu" else time.perf_counter
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:  # fmt: skip
+    """Median seconds of each step by `clock`, timing the contenders in turn (one warm-up round is dropped)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(repeats + 1):
         for name, step in steps.items():
