@@ -14,7 +14,7 @@ Protocol (the same for every configuration, Lily or not):
   shared-parameter peer below LoRA r=1's cost; trainable parameters count everything trained (adapter + the task
   head every method trains);
 - data (`BUDGETS`): 500 training examples for 2 epochs on the classification tasks; the causal LM (SmolLM2, 30
-  layers, several times the compute per example) gets 160 examples for 1 epoch, capped at 64 tokens, so that its
+  layers, several times the compute per example) gets 160 examples for 2 epochs, capped at 64 tokens, so that its
   runs fit a few hours on 2 CPU cores. It has no head-only line (its head is the tied input embedding) and the
   paper's shape and the levers run on the classification tasks only (`--no-levers`).
 
@@ -64,7 +64,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
                  "batch_size": 16},
     "image-cls": {"max_train_samples": 500, "max_eval_samples": 200, "max_test_samples": 500, "epochs": 2,
                   "batch_size": 16},
-    "causal-lm": {"max_train_samples": 160, "max_eval_samples": 64, "max_test_samples": 64, "epochs": 1,
+    "causal-lm": {"max_train_samples": 160, "max_eval_samples": 64, "max_test_samples": 64, "epochs": 2,
                   "batch_size": 8, "max_length": 64},
 }  # fmt: skip
 QUICK = {"max_train_samples": 64, "max_eval_samples": 32, "max_test_samples": 32, "epochs": 1, "batch_size": 16}
