@@ -9,12 +9,16 @@ They write the adapter only, in lily's format, so no folder holds base weights u
 hook and knows only full models and PEFT's `PeftModel`; the first injection therefore adds a guard to
 `Trainer._load_from_checkpoint`, `Trainer._load_best_model` and `Trainer.create_model_card`: when the
 trainer's model carries a Lily adapter and the folder holds a lily adapter, lily loads it (and keeps the card
-lily's); otherwise the original method runs unchanged. No user code is needed beyond `lily.inject`.
+lily's); otherwise the original method runs unchanged. No user code is needed beyond `lily.inject`. If
+`transformers.trainer` is not imported yet, the guard is added when it is: importing it at injection would
+cost seconds and pull in peft and bitsandbytes, which may reach the Hub for kernels.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -121,8 +125,13 @@ def _integrate(model: nn.Module, attached: bool) -> None:
             model.__dict__[attr] = kind(model)
         elif isinstance(model.__dict__.get(attr), kind):
             del model.__dict__[attr]
-    if attached:
-        _guard_trainer()
+    if not attached:
+        return
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is not None:
+        _guard_trainer(trainer_module)
+    elif _TRAINER_IMPORT_HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _TRAINER_IMPORT_HOOK)
 
 
 MODEL_INTEGRATIONS.append(_integrate)
@@ -137,11 +146,31 @@ def _lily_model(model: nn.Module | None) -> nn.Module | None:
     return inner if inner is not None and find_adapters(inner) is not None else None
 
 
-def _guard_trainer() -> None:
+class _TrainerImportHook(importlib.abc.MetaPathFinder):
+    """Guards Trainer as soon as `transformers.trainer` has been imported, then steps out of the import system."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "transformers.trainer":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_guard(module: Any) -> None:
+                exec_module(module)
+                _guard_trainer(module)
+
+            spec.loader.exec_module = exec_and_guard  # type: ignore[method-assign]
+        return spec
+
+
+_TRAINER_IMPORT_HOOK = _TrainerImportHook()
+
+
+def _guard_trainer(trainer_module: Any) -> None:
     """Wrap Trainer's checkpoint loading and model card once per process (see the module docstring)."""
-    trainer_module = sys.modules.get("transformers.trainer")
-    if trainer_module is None:
-        import transformers.trainer as trainer_module
     trainer = trainer_module.Trainer
     if getattr(trainer, "_lily_guarded", False):
         return

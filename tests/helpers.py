@@ -1,6 +1,10 @@
-"""Tiny random models built from configs, and a straightforward reference implementation of Lily's formula."""
+"""Tiny random models built from configs, a straightforward reference implementation of Lily's formula, and a
+two-process launcher."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import torch
 import transformers
@@ -162,3 +166,11 @@ def assert_same_state(before: tuple, after: tuple) -> None:
         assert torch.equal(after[1][name][0], tensor) and after[1][name][1] == grad, name
     assert after[2] == before[2], "hooks changed"
     assert after[3] == before[3], "adapters changed"
+
+
+def torchrun(*args: str) -> None:
+    """Run `torchrun --nproc_per_node 2 ARGS` (gloo on CPU) and assert that it succeeded. `--standalone` meets on
+    a free local port, so a launch never meets a leftover process, or another job, on the default port 29500."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

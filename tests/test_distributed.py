@@ -1,7 +1,5 @@
 """Multi-process training on CPU (gloo, 2 processes): DDP and FSDP2 agree with one process on the whole batch."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -10,15 +8,13 @@ import lily
 from lily.adapter import saved_parameters
 from lily.io import read_adapter_tensors
 from tests.distributed_worker import adapted_bert, batch, train_step
+from tests.helpers import torchrun
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def launch(engine: str, out: Path, *routings: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), engine,
-               str(out), *routings]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(str(WORKER), engine, str(out), *routings)
 
 
 def single_process(routing: str, tmp_path: Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

@@ -13,7 +13,7 @@ import transformers
 import lily
 from lily import CheckpointError, MergeError
 from lily.io import CONFIG_NAME, WEIGHTS_NAME
-from tests.helpers import randomize_adapter
+from tests.helpers import randomize_adapter, torchrun
 
 ADAPTER_FILES = {"README.md", CONFIG_NAME, WEIGHTS_NAME}
 
@@ -118,6 +118,26 @@ def test_trainer_model_card_stays_a_lily_card(bert_dir, tmp_path):
     run.create_model_card(model_name="tiny")
     card = (tmp_path / "README.md").read_text()
     assert "library_name: lily" in card and "Lily adapter" in card and "tiny" in card
+
+
+def test_inject_guards_trainer_without_importing_it_and_guards_it_once_imported(bert_dir):
+    """Importing transformers.trainer at injection would cost seconds and pull in peft and bitsandbytes (whose
+    `kernels` lookup reaches the Hub); the guard must still be on Trainer once the user imports it."""
+    import subprocess
+    import sys
+
+    script = f"""if True:
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from tests.test_pretrained import bert
+        bert({bert_dir!r})
+        print(sorted(m for m in ("transformers.trainer", "peft", "bitsandbytes") if m in sys.modules))
+        from transformers import Trainer
+        print(getattr(Trainer, "_lily_guarded", False))
+        """
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
 
 
 def test_trl_sft_trainer_trains_and_saves_the_adapter(tmp_path):
@@ -230,16 +250,10 @@ def test_verbs_on_a_compiled_handle_act_on_the_original_module(bert_dir, tmp_pat
 
 
 def test_trainer_under_ddp_saves_adapter_only_checkpoints_and_resumes_exactly(bert_dir, tmp_path):
-    import subprocess
-    import sys
-
     worker = Path(__file__).with_name("trainer_worker.py")
 
     def launch(out, *resume):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), bert_dir,
-                   str(out), *map(str, resume)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+        torchrun(str(worker), bert_dir, str(out), *map(str, resume))
 
     launch(tmp_path / "full")
     for step in (2, 4):

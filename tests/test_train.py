@@ -13,6 +13,7 @@ from lily.cli import main
 from lily.train.config import TrainConfig
 from lily.train.console import Interrupted
 from lily.train.loop import train
+from tests.helpers import torchrun
 
 SMALL = {"epochs": 2, "batch_size": 8, "max_train_samples": None, "max_eval_samples": None, "max_test_samples": None}
 
@@ -151,17 +152,11 @@ def test_shipped_accelerate_config_is_valid():
 
 def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_dir, text_csv, tmp_path):
     """The same command under torchrun (2 CPU processes, gloo); evaluation counts each example exactly once."""
-    import subprocess
-    import sys
-
     single = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "one", epochs=1), log=quiet)
     out = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lily", "train",
-               "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out), "--epochs", "1",
-               "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
-               "--max-test-samples", "none", "--lr", "0.01"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun("-m", "lily", "train", "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out),
+             "--epochs", "1", "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
+             "--max-test-samples", "none", "--lr", "0.01")  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
     assert metrics["steps"] == 5  # 73 examples / (2 processes x 8) per step
@@ -170,16 +165,11 @@ def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_
 
 def test_fsdp_under_torchrun_trains_like_ddp_and_resumes(tiny_bert_dir, text_csv, tmp_path):
     """--fsdp (FSDP2, 2 CPU processes) reaches the adapter DDP reaches; its checkpoint loads back with --resume."""
-    import subprocess
-    import sys
 
     def run(out, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lily", "train",
-                   "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out), "--epochs", "2",
-                   "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
-                   "--max-test-samples", "none", "--lr", "0.01", *extra]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+        torchrun("-m", "lily", "train", "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out),
+                 "--epochs", "2", "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
+                 "--max-test-samples", "none", "--lr", "0.01", *extra)  # fmt: skip
         return json.loads((out / "metrics.json").read_text())
 
     ddp, fsdp = run(tmp_path / "ddp"), run(tmp_path / "fsdp", "--fsdp")
