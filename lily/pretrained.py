@@ -21,7 +21,11 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+import threading
+from collections.abc import Sequence
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -115,6 +119,38 @@ class PushToHub:
 INSTANCE_METHODS = {"save_pretrained": SavePretrained, "push_to_hub": PushToHub}
 
 
+class _TrainerImportHook(importlib.abc.MetaPathFinder):
+    """Adds the Trainer guard whenever `transformers.trainer` is executed (its first import, or a reload)."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()  # set while this thread's own lookup runs, so it does not find itself
+
+    def find_spec(self, name: str, path: Sequence[str] | None, target: ModuleType | None = None) -> ModuleSpec | None:
+        if name != "transformers.trainer" or getattr(self.local, "finding", False):
+            return None
+        self.local.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.local.finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+
+        def exec_and_guard(module: ModuleType) -> None:
+            try:
+                type(loader).exec_module(loader, module)
+            finally:
+                del loader.exec_module  # the loader as it was
+            _guard_trainer(module)
+
+        loader.exec_module = exec_and_guard  # type: ignore[method-assign]
+        return spec
+
+
+_TRAINER_IMPORT_HOOK = _TrainerImportHook()
+
+
 def _integrate(model: nn.Module, attached: bool) -> None:
     """Give an injected transformers model lily's `save_pretrained`/`push_to_hub` (or take them away again)."""
     pretrained = _pretrained_class()
@@ -146,30 +182,7 @@ def _lily_model(model: nn.Module | None) -> nn.Module | None:
     return inner if inner is not None and find_adapters(inner) is not None else None
 
 
-class _TrainerImportHook(importlib.abc.MetaPathFinder):
-    """Guards Trainer as soon as `transformers.trainer` has been imported, then steps out of the import system."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "transformers.trainer":
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.loader is not None:
-            exec_module = spec.loader.exec_module
-
-            def exec_and_guard(module: Any) -> None:
-                exec_module(module)
-                _guard_trainer(module)
-
-            spec.loader.exec_module = exec_and_guard  # type: ignore[method-assign]
-        return spec
-
-
-_TRAINER_IMPORT_HOOK = _TrainerImportHook()
-
-
-def _guard_trainer(trainer_module: Any) -> None:
+def _guard_trainer(trainer_module: ModuleType) -> None:
     """Wrap Trainer's checkpoint loading and model card once per process (see the module docstring)."""
     trainer = trainer_module.Trainer
     if getattr(trainer, "_lily_guarded", False):

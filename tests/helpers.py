@@ -169,8 +169,8 @@ def assert_same_state(before: tuple, after: tuple) -> None:
 
 
 def torchrun(*args: str) -> None:
-    """Run `torchrun --nproc_per_node 2 ARGS` (gloo on CPU) and assert that it succeeded. `--standalone` meets on
-    a free local port, so a launch never meets a leftover process, or another job, on the default port 29500."""
+    """Run `torchrun --nproc_per_node 2 ARGS` (gloo on CPU) and assert that it succeeded. With `--standalone` the
+    processes rendezvous on a free local port, not 29500, so no leftover process or other job can join them."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,6 +3,9 @@ and torch.compile handles."""
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import ClassVar
 
@@ -120,21 +123,24 @@ def test_trainer_model_card_stays_a_lily_card(bert_dir, tmp_path):
     assert "library_name: lily" in card and "Lily adapter" in card and "tiny" in card
 
 
-def test_inject_guards_trainer_without_importing_it_and_guards_it_once_imported(bert_dir):
+@pytest.mark.parametrize("imports", [
+    "from transformers import Trainer",
+    "import importlib; importlib.util.find_spec('transformers.trainer'); import transformers.trainer as t; "
+    "importlib.reload(t)",
+])  # fmt: skip
+def test_inject_defers_the_trainer_guard_to_the_import_of_trainer(bert_dir, imports):
     """Importing transformers.trainer at injection would cost seconds and pull in peft and bitsandbytes (whose
-    `kernels` lookup reaches the Hub); the guard must still be on Trainer once the user imports it."""
-    import subprocess
-    import sys
-
-    script = f"""if True:
+    `kernels` lookup reaches the Hub). The guard still goes on when Trainer is imported, after a mere lookup of
+    the module, and again after a reload."""
+    script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
         from tests.test_pretrained import bert
         bert({bert_dir!r})
         print(sorted(m for m in ("transformers.trainer", "peft", "bitsandbytes") if m in sys.modules))
-        from transformers import Trainer
-        print(getattr(Trainer, "_lily_guarded", False))
-        """
+        {imports}
+        print(getattr(sys.modules["transformers.trainer"].Trainer, "_lily_guarded", False))
+    """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
