@@ -183,7 +183,7 @@ def _lily_model(model: nn.Module | None) -> nn.Module | None:
 
 
 def _guard_trainer(trainer_module: ModuleType) -> None:
-    """Wrap Trainer's checkpoint loading and model card once per process (see the module docstring)."""
+    """Wrap Trainer's checkpoint loading and model card, once per Trainer class (see the module docstring)."""
     trainer = trainer_module.Trainer
     if getattr(trainer, "_lily_guarded", False):
         return

@@ -26,6 +26,14 @@ def quiet(*args):
     pass
 
 
+def train_under_torchrun(model_dir, data, out, *flags) -> dict:
+    """`lily train` with text_cfg's settings (plus `flags`) on 2 CPU processes under torchrun; its metrics."""
+    torchrun("-m", "lily", "train", "--model", model_dir, "--data", data, "--output-dir", str(out),
+             "--batch-size", "8", "--lr", "0.01", "--max-train-samples", "none", "--max-eval-samples", "none",
+             "--max-test-samples", "none", *flags)  # fmt: skip
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
 def test_text_classification_end_to_end(tiny_bert_dir, text_csv, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = train(text_cfg(tiny_bert_dir, text_csv, out), log=quiet)
@@ -153,11 +161,7 @@ def test_shipped_accelerate_config_is_valid():
 def test_torchrun_two_processes_train_and_evaluate_every_example_once(tiny_bert_dir, text_csv, tmp_path):
     """The same command under torchrun (2 CPU processes, gloo); evaluation counts each example exactly once."""
     single = train(text_cfg(tiny_bert_dir, text_csv, tmp_path / "one", epochs=1), log=quiet)
-    out = tmp_path / "two"
-    torchrun("-m", "lily", "train", "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out),
-             "--epochs", "1", "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
-             "--max-test-samples", "none", "--lr", "0.01")  # fmt: skip
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = train_under_torchrun(tiny_bert_dir, text_csv, tmp_path / "two", "--epochs", "1")
     assert metrics["num_processes"] == 2
     assert metrics["steps"] == 5  # 73 examples / (2 processes x 8) per step
     assert metrics["test_before"] == pytest.approx(single["test_before"])  # same untrained model, same 9 examples
@@ -167,10 +171,7 @@ def test_fsdp_under_torchrun_trains_like_ddp_and_resumes(tiny_bert_dir, text_csv
     """--fsdp (FSDP2, 2 CPU processes) reaches the adapter DDP reaches; its checkpoint loads back with --resume."""
 
     def run(out, *extra):
-        torchrun("-m", "lily", "train", "--model", tiny_bert_dir, "--data", text_csv, "--output-dir", str(out),
-                 "--epochs", "2", "--batch-size", "8", "--max-train-samples", "none", "--max-eval-samples", "none",
-                 "--max-test-samples", "none", "--lr", "0.01", *extra)  # fmt: skip
-        return json.loads((out / "metrics.json").read_text())
+        return train_under_torchrun(tiny_bert_dir, text_csv, out, "--epochs", "2", *extra)
 
     ddp, fsdp = run(tmp_path / "ddp"), run(tmp_path / "fsdp", "--fsdp")
     assert fsdp["steps"] == ddp["steps"] == 10 and fsdp["config"]["fsdp"]
