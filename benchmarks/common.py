@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import platform
@@ -27,6 +28,27 @@ def device_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+GLIBC_MALLOPT = {"M_TRIM_THRESHOLD": (-1, 1 << 30), "M_TOP_PAD": (-2, 64 << 20), "M_MMAP_THRESHOLD": (-3, 32 << 20)}
+"""glibc `mallopt` parameters (number, value) that `steady_allocator` sets: keep up to 1 GiB of freed heap, grow
+the heap 64 MiB at a time, and serve blocks under 32 MiB (glibc's most) from the heap rather than fresh mmaps."""
+
+
+def steady_allocator() -> dict[str, int]:
+    """Keep freed CPU memory in the process, so a timed step reuses it instead of faulting in fresh pages.
+
+    With glibc's defaults, tensors over 128 KiB come from new mmaps or from heap the allocator has just handed
+    back to the OS, and their pages fault in again on first touch. How many faults a step pays then depends on
+    the heap's history more than on what the step computes (`python -m benchmarks.layer_overhead
+    --default-malloc` counts them per contender). Returns the parameters set ({} where the C library is not
+    glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):  # not glibc (or no C library to load by name)
+        return {}
+    return {name: value for name, (param, value) in GLIBC_MALLOPT.items() if mallopt(param, value) == 1}
 
 
 def require_input_grad(model: nn.Module) -> None:

@@ -3,8 +3,10 @@
 Whole-model timings on a small CPU bury the adapters' cost in noise; here the frozen stack (backward still
 runs through it) is the baseline and each contender's extra time is compared with LoRA's at the same
 rank, all interleaved in one process. Also measured: each routing mode under `torch.compile` against the
-same model in eager mode and against compiled LoRA (timed in the same rounds), and the memory autograd keeps
-for backward.
+same model in eager mode and against compiled LoRA (timed in the same rounds), the memory autograd keeps
+for backward, and the page faults of a train step. On glibc, freed memory stays in the process
+(`steady_allocator`), so no contender pays page faults for memory a previous step gave back;
+`--default-malloc` times with malloc as it comes.
 
     python -m benchmarks.layer_overhead --quick     # a few minutes on 2 CPU cores
 """
@@ -12,12 +14,13 @@ for backward.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
 from torch import nn
 
-from benchmarks.common import device_info, interleaved_medians, rank_contenders, write_results
+from benchmarks.common import device_info, interleaved_medians, rank_contenders, steady_allocator, write_results
 
 
 class Stack(nn.Module):
@@ -54,6 +57,19 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in parameters)
 
 
+def page_faults(model: nn.Module, x: torch.Tensor, steps: int = 5) -> float:
+    """Minor page faults of the process per train step (after a warm-up step): memory touched for the first time."""
+
+    def step() -> None:
+        model(x.clone().requires_grad_()).pow(2).mean().backward()
+
+    step()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / steps
+
+
 def table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
     return [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
             *("| " + " | ".join(row) + " |" for row in rows), ""]  # fmt: skip
@@ -72,12 +88,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
     parser.add_argument("--cpu-time", action="store_true", help="time by CPU time (a noisy host; with --threads 1)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (freed memory returns to the OS and faults in again)",
+    )
     parser.add_argument("--name", default="layer_overhead", help="result file stem in benchmarks/results")
     args = parser.parse_args()
     if args.quick:
         args.shapes, args.repeats = "1x16,4x128", 15
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = {} if args.default_malloc else steady_allocator()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {k: m.to(device) for k, m in build(args).items()}
     modes = [k for k in models if k.startswith("lily-")]
@@ -90,6 +112,7 @@ def main() -> None:
     for batch, tokens in shapes:
         x = torch.randn(batch, tokens, args.width, device=device)
         memory = {k: saved_bytes(m, x) for k, m in models.items()}
+        faults = {k: page_faults(m, x) for k, m in models.items()}
         for phase in ("train", "inference"):
 
             def step(model: nn.Module, x: torch.Tensor = x, train: bool = phase == "train") -> None:
@@ -117,6 +140,7 @@ def main() -> None:
                     row["saved_bytes"], row["saved_activation_bytes"] = memory[k]
                     row["saved_vs_lora"] = memory[k][0] / memory["lora"][0]
                     row["saved_activations_vs_lora"] = memory[k][1] / memory["lora"][1]
+                    row["minor_faults_per_step"] = faults[k]
                 rows.append(row)
 
     def cells(shape: tuple[int, int], phase: str) -> dict[str, dict]:
@@ -126,7 +150,7 @@ def main() -> None:
     clock = "process CPU time" if cpu_clock else "wall time"
     setting = (f"r={args.r}; {args.depth} x Linear({args.width}); num_A={args.num_A}, num_B={args.num_B}; "
                f"{torch.get_num_threads()} torch thread(s), {clock}")  # fmt: skip
-    overhead, speedup, compiled_overhead, memory_rows = [], [], [], []
+    overhead, speedup, compiled_overhead, memory_rows, fault_rows = [], [], [], [], []
     for shape in shapes:
         label = "x".join(map(str, shape))
         for phase in ("train", "inference"):
@@ -134,7 +158,7 @@ def main() -> None:
             lora_ms = sel["lora"]["ms"] - sel["frozen"]["ms"]
             overhead.append([label, phase, f"{lora_ms:.2f}", *(f"{sel[n]['overhead_vs_lora']:.2f}" for n in names)])
             if compiled:
-                speedup.append([label, phase, *(f"{sel[n]['compiled_vs_eager']:.2f}" for n in modes)])
+                speedup.append([label, phase, *(f"{sel[n]['compiled_vs_eager']:.2f}" for n in compiled_names)])
                 compiled_lora_ms = sel["lora"]["compiled_ms"] - sel["frozen"]["compiled_ms"]
                 compiled_overhead.append([label, phase, f"{compiled_lora_ms:.2f}",
                                           *(f"{sel[n]['compiled_overhead_vs_lora']:.2f}" for n in modes)])  # fmt: skip
@@ -142,18 +166,25 @@ def main() -> None:
         memory_rows.append([label, f"{sel['lora']['saved_bytes'] / 2**20:.2f}",
                             *(f"{sel[n]['saved_vs_lora']:.3f} / {sel[n]['saved_activations_vs_lora']:.3f}"
                               for n in names)])  # fmt: skip
+        fault_rows.append([label, *(f"{sel[n]['minor_faults_per_step']:.0f}" for n in ("frozen", "lora", *names))])
     lines = table(f"Adapter overhead / LoRA's overhead (same rank; {setting}; medians of {args.repeats} interleaved "
                   "rounds)", ["batch x tokens", "phase", "LoRA overhead ms", *names], overhead)  # fmt: skip
     if compiled:
         lines += table("torch.compile (inductor) step time / eager step time, same model, same rounds (< 1: "
-                       "compiled is faster)", ["batch x tokens", "phase", *modes], speedup)  # fmt: skip
+                       "compiled is faster)", ["batch x tokens", "phase", *compiled_names], speedup)  # fmt: skip
         lines += table("Compiled adapter overhead / compiled LoRA's overhead (both torch.compile'd, same rounds)",
                        ["batch x tokens", "phase", "compiled LoRA overhead ms", *modes], compiled_overhead)  # fmt: skip
     lines += table("Saved-for-backward memory of a train step / LoRA's: all saved storages / activations only "
                    "(parameters excluded)", ["batch x tokens", "LoRA MiB (all)", *names], memory_rows)  # fmt: skip
+    lines += table(
+        f"Minor page faults per train step (allocator: {allocator or 'as the C library sets it'})",
+        ["batch x tokens", "frozen", "lora", *names],
+        fault_rows,
+    )
     text = "\n".join(lines).rstrip()
     print(text)
-    write_results(args.name, {"settings": vars(args), "machine": device_info(device), "rows": rows},
+    write_results(args.name, {"settings": vars(args), "machine": device_info(device), "allocator": allocator,
+                              "rows": rows},
                   f"Device: {device_info(device)}\n\n{text}")  # fmt: skip
 
 

@@ -14,7 +14,14 @@ import json
 
 import torch
 
-from benchmarks.common import RESULTS, device_info, interleaved_medians, rank_contenders, write_results
+from benchmarks.common import (
+    RESULTS,
+    device_info,
+    interleaved_medians,
+    rank_contenders,
+    steady_allocator,
+    write_results,
+)
 from benchmarks.layer_overhead import Stack
 
 BASE = {"tokens": 128, "batch": 4, "depth": 16, "r": 16, "num_B": 4}
@@ -71,6 +78,7 @@ def main() -> None:
     sweeps = {k: v[:2] for k, v in SWEEPS.items()} if args.quick else SWEEPS
     repeats = 3 if args.quick else args.repeats
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allocator = steady_allocator()
     rows = []
     for knob, values in sweeps.items():
         for value in values:
@@ -84,7 +92,11 @@ def main() -> None:
     for r in rows:
         cells = [r["knob"], str(r["value"]), *(f"{r[k]:.1f}" for k in ("lora_ms", "lily-sample_ms", "lily-token_ms"))]
         lines.append("| " + " | ".join(cells) + " |")
-    write_results("scaling", {"base": BASE, "machine": device_info(device), "rows": rows}, "\n".join(lines))
+    write_results(
+        "scaling",
+        {"base": BASE, "machine": device_info(device), "allocator": allocator, "rows": rows},
+        "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":
