@@ -27,6 +27,7 @@ from benchmarks.common import (
     device_info,
     interleaved_medians,
     saved_for_backward_bytes,
+    steady_allocator,
     trainable_count,
     write_results,
 )
@@ -182,6 +183,7 @@ def main() -> None:
     if args.quick:
         args.models, args.repeats, args.batch, args.length = ["llama-576x8 (random)"], 3, 2, 64
     names = args.models or ["minilm", "smollm2", "dinov2", *(n for n in LLAMA_SHAPES if n != "llama-1b (random)")]
+    allocator = steady_allocator()
     rows = []
     for name in names:
         try:
@@ -192,7 +194,8 @@ def main() -> None:
         print(table([r for r in rows if r["model"] == name], "peak" if device.type == "cuda" else "saved"))
     memory_label = "peak allocated" if device.type == "cuda" else "saved-for-backward"
     settings = {k: v for k, v in vars(args).items() if k != "models"}
-    write_results(args.name, {"settings": settings, "machine": device_info(device), "rows": rows},
+    write_results(args.name, {"settings": settings, "machine": device_info(device), "allocator": allocator,
+                              "rows": rows},
                   f"Device: {device_info(device)}; settings: {settings}\n\n" + table(rows, memory_label))  # fmt: skip
 
 
