@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -57,16 +58,21 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return sum(seen.values()), sum(n for ptr, n in seen.items() if ptr not in parameters)
 
 
+def step(model: nn.Module, x: torch.Tensor, train: bool) -> None:
+    """One timed step on input x: forward to a scalar loss, and backward when training."""
+    inputs = x.clone().requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        out = model(inputs).pow(2).mean()
+    if train:
+        out.backward()
+
+
 def page_faults(model: nn.Module, x: torch.Tensor, steps: int = 5) -> float:
     """Minor page faults of the process per train step (after a warm-up step): memory touched for the first time."""
-
-    def step() -> None:
-        model(x.clone().requires_grad_()).pow(2).mean().backward()
-
-    step()
+    step(model, x, True)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
-        step()
+        step(model, x, True)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / steps
 
 
@@ -114,17 +120,10 @@ def main() -> None:
         memory = {k: saved_bytes(m, x) for k, m in models.items()}
         faults = {k: page_faults(m, x) for k, m in models.items()}
         for phase in ("train", "inference"):
-
-            def step(model: nn.Module, x: torch.Tensor = x, train: bool = phase == "train") -> None:
-                inputs = x.clone().requires_grad_(train)
-                with torch.set_grad_enabled(train):
-                    out = model(inputs).pow(2).mean()
-                if train:
-                    out.backward()
-
+            train = phase == "train"
             contenders = {**models, **{f"{k} compiled": m for k, m in compiled.items()}}
             torch._dynamo.reset()  # compile afresh in the warm-up round: one graph per model, no stale guards
-            medians = interleaved_medians({k: (lambda m=m: step(m)) for k, m in contenders.items()}, args.repeats,
+            medians = interleaved_medians({k: partial(step, m, x, train) for k, m in contenders.items()}, args.repeats,
                                           device, time.process_time if cpu_clock else time.perf_counter)  # fmt: skip
             lora = medians["lora"] - medians["frozen"]
             compiled_lora = medians["lora compiled"] - medians["frozen compiled"] if compiled else None
