@@ -9,37 +9,60 @@ for backward, and the page faults of a train step. On glibc, freed memory stays 
 `--default-malloc` times with malloc as it comes.
 
     python -m benchmarks.layer_overhead --quick     # a few minutes on 2 CPU cores
+
+`--block qkv` makes each layer three projections of one input, like attention's q, k and v: Lily computes
+their low-rank hidden in one matmul, and each mode is also timed with one A matmul per projection
+("lily-<mode> separate").
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import operator
 import resource
 import time
-from functools import partial
+from functools import partial, reduce
 
 import torch
 from torch import nn
 
+import lily
 from benchmarks.common import device_info, interleaved_medians, rank_contenders, steady_allocator, write_results
+
+BLOCKS = {"linear": ("proj",), "qkv": ("q_proj", "k_proj", "v_proj")}
+"""A layer of the stack: one projection, or three that read the same input, like attention's q, k and v."""
 
 
 class Stack(nn.Module):
-    """depth x (Linear(width, width), tanh): a transformer's adapted projections without the rest."""
+    """depth x (the sum of the block's Linear(width, width) projections of x, tanh): a transformer's adapted
+    projections without the rest."""
 
-    def __init__(self, depth: int, width: int) -> None:
+    def __init__(self, depth: int, width: int, projections: tuple[str, ...] = BLOCKS["linear"]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(width, width)}) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({name: nn.Linear(width, width) for name in projections}) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = torch.tanh(layer["proj"](x))
+            x = torch.tanh(reduce(operator.add, (projection(x) for projection in layer.values())))
         return x
 
 
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The contenders; for a block of siblings also each Lily mode with one A matmul per projection
+    ("<mode> separate"), as before siblings shared theirs."""
     torch.manual_seed(0)
-    return rank_contenders(Stack(args.depth, args.width), ["proj"], args.r, args.num_A, args.num_B)
+    projections = BLOCKS[args.block]
+    models = rank_contenders(Stack(args.depth, args.width, projections), list(projections), args.r, args.num_A,
+                             args.num_B)  # fmt: skip
+    if len(projections) > 1:
+        for name in [k for k in models if k.startswith("lily-")]:
+            models[f"{name} separate"] = separate = copy.deepcopy(models[name])
+            for _, layer in lily.lily_layers(separate):
+                layer.siblings = ()
+    return models
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -84,6 +107,8 @@ def table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--block", choices=sorted(BLOCKS), default="linear",
+                        help="qkv: three projections per layer read the same input (attention's q, k, v)")  # fmt: skip
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--width", type=int, default=576)
     parser.add_argument("--r", type=int, default=16)
@@ -108,7 +133,7 @@ def main() -> None:
     allocator = {} if args.default_malloc else steady_allocator()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {k: m.to(device) for k, m in build(args).items()}
-    modes = [k for k in models if k.startswith("lily-")]
+    modes = [k for k in models if k.startswith("lily-") and not k.endswith("separate")]
     compiled_names = [] if args.no_compile else ["frozen", "lora", *modes]
     compiled = {k: torch.compile(models[k], dynamic=False) for k in compiled_names}
     # process CPU time leaves out the time a shared host gives other tenants; with one thread, it is compute time
@@ -147,7 +172,10 @@ def main() -> None:
 
     names = [k for k in models if k not in ("frozen", "lora")]
     clock = "process CPU time" if cpu_clock else "wall time"
-    setting = (f"r={args.r}; {args.depth} x Linear({args.width}); num_A={args.num_A}, num_B={args.num_B}; "
+    block = f"Linear({args.width})"
+    if args.block != "linear":
+        block = f"({' + '.join(BLOCKS[args.block])})(x), each {block}"
+    setting = (f"r={args.r}; {args.depth} x {block}; num_A={args.num_A}, num_B={args.num_B}; "
                f"{torch.get_num_threads()} torch thread(s), {clock}")  # fmt: skip
     overhead, speedup, compiled_overhead, memory_rows, fault_rows = [], [], [], [], []
     for shape in shapes:

@@ -14,7 +14,7 @@ from torch import nn
 
 from lily.config import LilyConfig
 from lily.errors import InjectionError, MergeError
-from lily.layer import LilyBranch, LilySite
+from lily.layer import LilyBranch, LilySite, link_siblings
 from lily.plan import ADAPTER_ATTR, TargetType
 from lily.routing import require_mergeable
 
@@ -174,11 +174,20 @@ def saved_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.
     return {**_lily_tensors(model, name, file_names=True), **module_parameters(model, name)}
 
 
+def has_cross_attention(model: nn.Module) -> bool:
+    """True when `model` holds a Hugging Face model with cross-attention, whose q reads another input than k and v."""
+    configs = (getattr(m, "config", None) for m in original_module(model).modules())
+    return any(getattr(c, "is_encoder_decoder", False) or getattr(c, "add_cross_attention", False) for c in configs)
+
+
 def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
-    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer)."""
+    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer), and link
+    the active layers that read the same input (`link_siblings`)."""
     active = None if adapters.disabled else adapters.active
-    for _, layer in lily_layers(model):
+    sites = list(lily_layers(model))
+    for _, layer in sites:
         layer.active = active if active in layer.adapters else None
+    link_siblings(sites, enabled=not has_cross_attention(model))
 
 
 def set_adapter(model: nn.Module, name: str, inference_mode: bool | None = None) -> nn.Module:

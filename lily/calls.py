@@ -1,8 +1,9 @@
 """Per-call inputs that adapted layers need but are not given, carried without shared mutable state.
 
 "sample" routing needs the model's `attention_mask`; a parallel adapter whose source and sink differ needs
-the input its source saw. Neither is stored on a module: each lives in thread-local state, which every
-thread sees separately (nested calls restore the outer call's state; `torch.compile` traces it without
+the input its source saw; a layer whose sibling read the same input first (k and v after q) takes the low-rank
+hidden that sibling computed for it. None of them is stored on a module: each lives in thread-local state, which
+every thread sees separately (nested calls restore the outer call's state; `torch.compile` traces it without
 graph breaks):
 
 - `ModelCall` (a forward pre-hook and hook on the adapted model) opens one `ForwardCall` per model call,
@@ -36,20 +37,30 @@ class ForwardCall:
     """One call of the adapted model: its 2-D `attention_mask` (None when not given)."""
 
     attention_mask: torch.Tensor | None
-    outer: tuple[ForwardCall | None, dict[int, torch.Tensor]] | None = field(default=None, repr=False)
+    outer: tuple[ForwardCall | None, dict[int, Any]] | None = field(default=None, repr=False)
     """While the call runs: the thread's call and captured inputs before it, restored when it ends."""
 
 
 _LOCAL = threading.local()
-"""This thread's open call (`call`) and the block inputs its parallel adapters captured (`captured`)."""
+"""This thread's open call (`call`), and what its layers keep for each other (`captured`): the block inputs its
+parallel adapters captured, and the hidden states computed for sibling layers."""
 
 
 def _open_call() -> ForwardCall | None:
     return getattr(_LOCAL, "call", None)
 
 
-def _captured() -> dict[int, torch.Tensor]:
+def _captured() -> dict[int, Any]:
     return getattr(_LOCAL, "captured", None) or {}
+
+
+def _take(key: int) -> Any:
+    """What was kept under `key` (None if nothing), which is released."""
+    captured = _captured()
+    if key not in captured:
+        return None
+    _LOCAL.captured = {k: v for k, v in captured.items() if k != key}
+    return captured[key]
 
 
 def current_call() -> ForwardCall | None:
@@ -75,11 +86,29 @@ def capture_input(key: int, x: torch.Tensor | None) -> None:
 
 def take_input(key: int) -> torch.Tensor | None:
     """The input captured for parallel adapter `key`, which is released (None if its source has not run)."""
-    captured = _captured()
-    if key not in captured:
+    return _take(key)
+
+
+def _modes(x: torch.Tensor) -> tuple[bool, bool]:
+    return torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
+
+
+def share_hidden(key: int, x: torch.Tensor, h: torch.Tensor) -> None:
+    """Keep `h`, the low-rank hidden a sibling layer computed for branch `key` from input `x`, until that branch
+    runs (this thread only; a later one for the same branch replaces it)."""
+    version = None if torch.compiler.is_compiling() else x._version  # a compiled graph has no in-place surprises
+    _LOCAL.captured = {**_captured(), key: (x, version, _modes(x), h)}
+
+
+def shared_hidden(key: int, x: torch.Tensor) -> torch.Tensor | None:
+    """The hidden kept for branch `key`, released, if it was computed from this very input `x` (same tensor, not
+    modified in place since) with the same grad and autocast modes; else None."""
+    kept = _take(key)
+    if kept is None:
         return None
-    _LOCAL.captured = {k: v for k, v in captured.items() if k != key}
-    return captured[key]
+    source, version, modes, h = kept
+    same = source is x and (version is None or x._version == version) and modes == _modes(x)
+    return h if same else None
 
 
 def _graph_roots(output: Any) -> Iterator[torch.autograd.graph.Node]:

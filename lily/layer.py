@@ -9,11 +9,15 @@ y     = base(x) + s * sum_e w_e (h B_e^T)     B_e: the target type's experts (sh
 On a Conv2d, A_g is a k x k conv with the base conv's stride, padding and dilation, and h has one r-vector
 per output position (in (N, H', W') order); each B_e is a 1x1 conv, so a position is a token:
 "token" routing mixes the experts per pixel, "sample" pools over an image's positions.
+
+Sibling layers that read the same input (q, k and v; gate and up: `SHARED_INPUTS`) compute their h in one
+matmul: the first of them to run applies its siblings' A groups too, concatenated with its own, and keeps
+their h for them (`lily.calls.share_hidden`), which each takes if it then runs on that very input.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lily.bank import LilyBank
-from lily.calls import attention_mask, capture_input, take_input
+from lily.calls import attention_mask, capture_input, share_hidden, shared_hidden, take_input
 from lily.errors import MergeError, TargetError
 from lily.routing import add_experts, expert_weights, make_router, mix_experts, require_mergeable
 
@@ -37,6 +41,10 @@ def linear_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """h = x A^T for x (..., d_in), flattened to (tokens, r)."""
     return F.linear(x.reshape(-1, x.shape[-1]), a)
 
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
+"""Names of sibling layers (under one parent) that transformers' attention and MLP blocks call on the same input,
+in the order they call them."""
 
 SLOT_ATTR = "lily_parallel"
 """The attribute of a parallel adapter's sink module that holds its `ParallelSlot`."""
@@ -65,26 +73,38 @@ class LilyBranch(nn.Module):
         self.router = make_router(routing, bank.r, bank.num_B, router_scale, bank.B.device, bank.B.dtype)
         object.__setattr__(self, "bank", bank)
 
+    def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_g, experts) on `device` (a model split over devices: the shared bank lives on one of them)."""
+        a, experts = self.bank.A[self.group], self.bank.B
+        return (a, experts) if a.device == device else (a.to(device), experts.to(device))
+
+    def down_input(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """What A_g is applied to: dropout(x), in A's dtype unless autocast picks the dtype."""
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.dtype)
+        return x
+
     def low_rank(self, x: torch.Tensor, down: Projection = linear_down) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, experts): this layer's hidden h = phi(dropout(x) A_g^T), (tokens, r), and the B experts, on x's
         device.
 
         `down` applies A_g: a linear map, or an adapted conv's own (`LilyLayer.down`)."""
-        bank = self.bank
-        a, experts = bank.A[self.group], bank.B
-        if a.device != x.device:  # a model split over devices: the shared bank lives on one of them
-            a, experts = a.to(x.device), experts.to(x.device)
-        if self.dropout and self.training:
-            x = F.dropout(x, self.dropout)
-        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(a.dtype)
-        h = down(x, a)
+        a, experts = self.factors(x.device)
+        h = down(self.down_input(x, a), a)
         return (ACTIVATIONS[self.activation](h) if self.activation else h), experts
 
-    def forward(self, x: torch.Tensor, base: torch.Tensor, down: Projection = linear_down) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base: torch.Tensor, down: Projection = linear_down, h: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """base + s * sum_e w_e (h B_e^T): the update for input x added to `base`, the base layer's output
-        (features last, one position per row of h; see `low_rank` for `down`), in base's dtype."""
-        h, experts = self.low_rank(x, down)
+        (features last, one position per row of h; see `low_rank` for `down`), in base's dtype. `h`: this
+        layer's hidden if a sibling already computed it from x."""
+        if h is None:
+            h, experts = self.low_rank(x, down)
+        else:
+            experts = self.factors(h.device)[1]
         mask = attention_mask() if self.routing == "sample" else None
         dtype = base.dtype
         if dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
@@ -139,6 +159,8 @@ class LilyLayer(LilySite):
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
+        self.siblings: tuple[LilyLayer, ...] = ()
+        """Layers that run after this one on the same input, with the same active adapter (`link_siblings`)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -164,10 +186,35 @@ class LilyLayer(LilySite):
             return out
         branch = self.adapters[self.active]
         if self.kind != "conv2d":
-            return branch(x, out, self.down)
+            h = shared_hidden(id(branch), x)
+            return branch(x, out, self.down, self.low_rank_with_siblings(x, branch) if h is None else h)
         images = out if out.dim() == 4 else out.unsqueeze(0)
         adapted = branch(x, images.movedim(1, -1), self.down).movedim(-1, 1).reshape(out.shape)  # channels first
         return adapted.contiguous() if out.is_contiguous() else adapted
+
+    def low_rank_with_siblings(self, x: torch.Tensor, branch: LilyBranch) -> torch.Tensor | None:
+        """This layer's h, computed by one matmul with its siblings' (their A groups concatenated to its own),
+        whose h are kept for them; None when no sibling can share it (none unmerged, without training dropout,
+        of the same width and dtype)."""
+        if not self.siblings or (branch.dropout and branch.training):
+            return None
+        group = [branch]
+        for layer in self.siblings:
+            other = layer.adapters[layer.active] if layer.active is not None and layer.merged is None else None
+            if (
+                other is not None
+                and not (other.dropout and other.training)
+                and other.bank.in_features == branch.bank.in_features
+                and other.bank.B.dtype == branch.bank.B.dtype
+            ):
+                group.append(other)
+        if len(group) == 1:
+            return None
+        factors = [b.factors(x.device)[0] for b in group]
+        hs = linear_down(branch.down_input(x, factors[0]), torch.cat(factors)).split([a.shape[0] for a in factors], 1)
+        for other, h in zip(group[1:], hs[1:], strict=True):
+            share_hidden(id(other), x, h)
+        return hs[0]
 
     def weight_delta(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """up @ down (d_out x fan_in, from `LilyBranch.update_factors`) in the layout of the base weight: (out, in)
@@ -271,6 +318,24 @@ class ParallelSlot(LilySite):
 
     def extra_repr(self) -> str:
         return f"source={self.source!r}, active={self.active!r}"
+
+
+def link_siblings(sites: Iterable[tuple[str, LilySite]], enabled: bool = True) -> None:
+    """Give the first active layer of each family in `SHARED_INPUTS` under one parent the others as `siblings`
+    (all active sites run the same adapter); reset every other layer's. `enabled=False` (a model with
+    cross-attention, where q reads another input than k and v) links none."""
+    families: dict[tuple[str, int], list[tuple[int, LilyLayer]]] = {}
+    for name, site in sites:
+        if not isinstance(site, LilyLayer):
+            continue
+        site.siblings = ()
+        parent, _, leaf = name.rpartition(".")
+        for i, family in enumerate(SHARED_INPUTS):
+            if enabled and leaf in family and site.kind != "conv2d" and site.active is not None:
+                families.setdefault((parent, i), []).append((family.index(leaf), site))
+    for members in families.values():
+        first, *rest = (layer for _, layer in sorted(members, key=lambda m: m[0]))
+        first.siblings = tuple(rest)
 
 
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -5,10 +5,11 @@ import functools
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import lily
-from tests.helpers import randomize_adapter, reference_delta, reference_layer
+from tests.helpers import randomize_adapter, reference_delta, reference_layer, tiny_llama
 
 MODES = list(lily.ROUTING_MODES)
 
@@ -125,3 +126,96 @@ def test_an_adapted_conv_keeps_the_memory_format_of_its_base_output(channels_las
         out = model(x)
         base = model[0].base_layer(x)
     assert out.shape == base.shape and out.stride() == base.stride()
+
+
+QKV_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_with_siblings(mode: str, dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=2)
+    config = lily.LilyConfig(target_modules=QKV_MLP, r=4, num_A=2, num_B=3, routing=mode, dropout=dropout)
+    lily.inject(model, config)
+    randomize_adapter(model)
+    return model.double()
+
+
+def down_matmuls(model: nn.Module, monkeypatch: pytest.MonkeyPatch, run) -> list[int]:
+    """The rows of A in each A matmul (`lily.layer.linear_down` call) that `run(model)` makes, in order."""
+    rows = []
+    original = lily.layer.linear_down
+
+    def counted(x, a):
+        rows.append(a.shape[0])
+        return original(x, a)
+
+    monkeypatch.setattr(lily.layer, "linear_down", counted)
+    run(model)
+    monkeypatch.setattr(lily.layer, "linear_down", original)
+    return rows
+
+
+def loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    ids = torch.tensor([[5, 9, 2, 7, 7, 1], [3, 3, 8, 1, 0, 4]])
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in lily.adapter_parameters(model).items()}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_siblings_reading_one_input_share_one_down_matmul_with_the_same_results(mode, monkeypatch):
+    """q/k/v and gate/up each make one A matmul; loss and every gradient equal those of separate matmuls."""
+    model = llama_with_siblings(mode).train()
+    layers = dict(lily.lily_layers(model))
+    assert [n for n, layer in layers.items() if layer.siblings] == [
+        f"model.layers.{i}.{block}" for i in range(2) for block in ("self_attn.q_proj", "mlp.gate_proj")
+    ]
+    assert down_matmuls(model, monkeypatch, loss_and_grads) == [12, 4, 8, 4] * 2  # q/k/v, o, gate/up, down (r=4)
+    fused = loss_and_grads(model)
+    for layer in layers.values():
+        layer.siblings = ()
+    assert down_matmuls(model, monkeypatch, loss_and_grads) == [4] * 14
+    separate = loss_and_grads(model)
+    torch.testing.assert_close(fused[0], separate[0], rtol=1e-12, atol=1e-12)
+    for name, grad in separate[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_sibling_takes_the_shared_hidden_only_for_the_very_input_and_modes_it_came_from():
+    model = llama_with_siblings("token")
+    attention = model.model.layers[0].self_attn
+    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+    x, y = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        q(x)
+        torch.testing.assert_close(k(y), reference_layer(k, y), rtol=1e-12, atol=1e-12)  # another input
+        q(x)
+        x.mul_(2)  # the same tensor, changed in place after q read it
+        torch.testing.assert_close(v(x), reference_layer(v, x), rtol=1e-12, atol=1e-12)
+        q(x)
+    out = k(x)  # computed under no_grad by q; k runs with grad: it must build its own graph
+    assert out.requires_grad
+    torch.testing.assert_close(out, reference_layer(k, x), rtol=1e-12, atol=1e-12)
+    q(x)
+    for layer in (k, v):  # the shared path itself
+        torch.testing.assert_close(layer(x), reference_layer(layer, x), rtol=1e-12, atol=1e-12)
+
+
+def test_no_shared_matmul_under_training_dropout_for_a_merged_sibling_or_with_cross_attention(monkeypatch):
+    model = llama_with_siblings("token", dropout=0.1)
+    assert down_matmuls(model.train(), monkeypatch, loss_and_grads) == [4] * 14
+    assert down_matmuls(model.eval(), monkeypatch, loss_and_grads) == [12, 4, 8, 4] * 2
+
+    model = llama_with_siblings("static")
+    k_proj = model.model.layers[0].self_attn.k_proj
+    k_proj.merge()
+    with torch.no_grad():
+        rows = down_matmuls(model, monkeypatch, lambda m: m(torch.tensor([[5, 9, 2]])))
+    assert rows == [8, 4, 8, 4, 12, 4, 8, 4]  # block 0: q and v in one matmul, k merged
+    k_proj.unmerge()
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, is_decoder=True, add_cross_attention=True)  # fmt: skip
+    bert = lily.inject(transformers.BertModel(config), lily.LilyConfig(target_modules=["query", "key", "value"], r=4))
+    assert not any(layer.siblings for _, layer in lily.lily_layers(bert))
