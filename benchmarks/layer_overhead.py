@@ -27,7 +27,6 @@ from functools import partial, reduce
 import torch
 from torch import nn
 
-import lily
 from benchmarks.common import device_info, interleaved_medians, rank_contenders, steady_allocator, write_results
 
 BLOCKS = {"linear": ("proj",), "qkv": ("q_proj", "k_proj", "v_proj")}
@@ -52,7 +51,7 @@ class Stack(nn.Module):
 
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:
     """The contenders; for a block of siblings also each Lily mode with one A matmul per projection
-    ("<mode> separate"), as before siblings shared theirs."""
+    ("<mode> separate": its siblings' hooks removed, see `lily.layer.Siblings`)."""
     torch.manual_seed(0)
     projections = BLOCKS[args.block]
     models = rank_contenders(Stack(args.depth, args.width, projections), list(projections), args.r, args.num_A,
@@ -60,8 +59,8 @@ def build(args: argparse.Namespace) -> dict[str, nn.Module]:
     if len(projections) > 1:
         for name in [k for k in models if k.startswith("lily-")]:
             models[f"{name} separate"] = separate = copy.deepcopy(models[name])
-            for _, layer in lily.lily_layers(separate):
-                layer.siblings = ()
+            for handle in separate.lily_adapters.sibling_handles:
+                handle.remove()
     return models
 
 

@@ -59,7 +59,8 @@ class LilyAdapters(nn.ModuleDict):
     `model.state_dict()` and `model.parameters()` see each shared A group and B expert exactly once.
 
     Holds which adapter is active, whether adapters are disabled, and what `remove` needs to restore the
-    model (including the handles of the hooks that delimit each model call, see `lily.calls`).
+    model (including the handles of the hooks that delimit each model call and each call of siblings' parents, see
+    `lily.calls`).
     """
 
     def __init__(self, trainable_before: list[str], cpu_repacking: dict[str, bool] | None = None) -> None:
@@ -70,6 +71,10 @@ class LilyAdapters(nn.ModuleDict):
         self.cpu_repacking = cpu_repacking or {}
         """bitsandbytes 4-bit layers by name, with their own `lily.plan.CPU_REPACKING` value (`remove` restores it)."""
         self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.shares_inputs = True
+        """Whether siblings that read one input share their A matmul (`lily.layer.Siblings`): not in a model with
+        cross-attention, where q reads another input than k and v."""
+        self.sibling_handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity: when the model root is an `nn.Sequential`, the adapters are its last step and pass through."""
@@ -174,20 +179,16 @@ def saved_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.
     return {**_lily_tensors(model, name, file_names=True), **module_parameters(model, name)}
 
 
-def has_cross_attention(model: nn.Module) -> bool:
-    """True when `model` holds a Hugging Face model with cross-attention, whose q reads another input than k and v."""
-    configs = (getattr(m, "config", None) for m in original_module(model).modules())
-    return any(getattr(c, "is_encoder_decoder", False) or getattr(c, "add_cross_attention", False) for c in configs)
-
-
 def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
-    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer), and link
-    the active layers that read the same input (`link_siblings`)."""
+    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer), and
+    hook the parents of active siblings that read one input (`link_siblings`)."""
     active = None if adapters.disabled else adapters.active
     sites = list(lily_layers(model))
     for _, layer in sites:
         layer.active = active if active in layer.adapters else None
-    link_siblings(sites, enabled=not has_cross_attention(model))
+    for handle in adapters.sibling_handles:
+        handle.remove()
+    adapters.sibling_handles = link_siblings(original_module(model), sites) if adapters.shares_inputs else []
 
 
 def set_adapter(model: nn.Module, name: str, inference_mode: bool | None = None) -> nn.Module:

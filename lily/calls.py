@@ -1,9 +1,9 @@
 """Per-call inputs that adapted layers need but are not given, carried without shared mutable state.
 
 "sample" routing needs the model's `attention_mask`; a parallel adapter whose source and sink differ needs
-the input its source saw; a layer whose sibling read the same input first (k and v after q) takes the low-rank
-hidden that sibling computed for it. None of them is stored on a module: each lives in thread-local state, which
-every thread sees separately (nested calls restore the outer call's state; `torch.compile` traces it without
+the input its source saw; sibling layers that read one input (q, k and v) take the low-rank hidden the first
+of them computed for all. None of them is stored on a module: each lives in thread-local state, which every
+thread sees separately (nested calls restore the outer call's state; `torch.compile` traces it without
 graph breaks):
 
 - `ModelCall` (a forward pre-hook and hook on the adapted model) opens one `ForwardCall` per model call,
@@ -15,6 +15,8 @@ graph breaks):
   route with the mask of the forward being replayed.
 - A direct call of a submodule (outside any model call and any replay) has no mask: "sample" routing
   then pools over every position.
+- Siblings share hidden states only within one call of their parent module (`open_siblings`, from hooks on
+  the parent), so nothing they keep outlives that call, whether it runs in a model call, a replay or alone.
 """
 
 from __future__ import annotations
@@ -37,30 +39,21 @@ class ForwardCall:
     """One call of the adapted model: its 2-D `attention_mask` (None when not given)."""
 
     attention_mask: torch.Tensor | None
-    outer: tuple[ForwardCall | None, dict[int, Any]] | None = field(default=None, repr=False)
-    """While the call runs: the thread's call and captured inputs before it, restored when it ends."""
+    outer: tuple[ForwardCall | None, dict[int, torch.Tensor], tuple] | None = field(default=None, repr=False)
+    """While the call runs: the thread's call, captured inputs and sibling calls before it, restored when it ends."""
 
 
 _LOCAL = threading.local()
-"""This thread's open call (`call`), and what its layers keep for each other (`captured`): the block inputs its
-parallel adapters captured, and the hidden states computed for sibling layers."""
+"""This thread's open call (`call`), the block inputs its parallel adapters captured (`captured`), and its open
+calls of siblings' parents (`siblings`: (family, kept hidden states by layer), innermost last)."""
 
 
 def _open_call() -> ForwardCall | None:
     return getattr(_LOCAL, "call", None)
 
 
-def _captured() -> dict[int, Any]:
+def _captured() -> dict[int, torch.Tensor]:
     return getattr(_LOCAL, "captured", None) or {}
-
-
-def _take(key: int) -> Any:
-    """What was kept under `key` (None if nothing), which is released."""
-    captured = _captured()
-    if key not in captured:
-        return None
-    _LOCAL.captured = {k: v for k, v in captured.items() if k != key}
-    return captured[key]
 
 
 def current_call() -> ForwardCall | None:
@@ -86,29 +79,58 @@ def capture_input(key: int, x: torch.Tensor | None) -> None:
 
 def take_input(key: int) -> torch.Tensor | None:
     """The input captured for parallel adapter `key`, which is released (None if its source has not run)."""
-    return _take(key)
-
-
-def _modes(x: torch.Tensor) -> tuple[bool, bool]:
-    return torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
-
-
-def share_hidden(key: int, x: torch.Tensor, h: torch.Tensor) -> None:
-    """Keep `h`, the low-rank hidden a sibling layer computed for branch `key` from input `x`, until that branch
-    runs (this thread only; a later one for the same branch replaces it)."""
-    version = None if torch.compiler.is_compiling() else x._version  # a compiled graph has no in-place surprises
-    _LOCAL.captured = {**_captured(), key: (x, version, _modes(x), h)}
-
-
-def shared_hidden(key: int, x: torch.Tensor) -> torch.Tensor | None:
-    """The hidden kept for branch `key`, released, if it was computed from this very input `x` (same tensor, not
-    modified in place since) with the same grad and autocast modes; else None."""
-    kept = _take(key)
-    if kept is None:
+    captured = _captured()
+    if key not in captured:
         return None
-    source, version, modes, h = kept
-    same = source is x and (version is None or x._version == version) and modes == _modes(x)
-    return h if same else None
+    _LOCAL.captured = {k: v for k, v in captured.items() if k != key}
+    return captured[key]
+
+
+def _sibling_calls() -> tuple[tuple[Any, dict[Any, tuple]], ...]:
+    return getattr(_LOCAL, "siblings", None) or ()
+
+
+def open_siblings(family: Any) -> None:
+    """Start a call of the parent of `family`'s layers: until `close_siblings`, they may share hidden states."""
+    _LOCAL.siblings = (*_sibling_calls(), (family, {}))
+
+
+def close_siblings(family: Any) -> None:
+    """End the innermost call of `family`'s parent (and any call left open inside it); what it kept is released."""
+    calls = _sibling_calls()
+    ends = [i for i, (open_family, _) in enumerate(calls) if open_family is family]
+    if ends:
+        _LOCAL.siblings = calls[: ends[-1]]
+
+
+def sibling_family() -> Any:
+    """The family whose parent's call is the innermost open one (None outside any)."""
+    calls = _sibling_calls()
+    return calls[-1][0] if calls else None
+
+
+def _modes(x: torch.Tensor) -> tuple[Any, ...]:
+    """What must not change between computing a hidden state from `x` and using it: x's in-place version
+    (not tracked for inference tensors, nor in a compiled graph), grad mode and autocast."""
+    version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
+    return version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
+
+
+def share_hidden(layer: Any, branch: Any, x: torch.Tensor, h: torch.Tensor) -> None:
+    """Keep `h`, computed for `layer`'s `branch` from input `x`, in the innermost sibling call, for that layer."""
+    *outer, (family, kept) = _sibling_calls()
+    _LOCAL.siblings = (*outer, (family, {**kept, layer: (branch, x, _modes(x), h)}))
+
+
+def shared_hidden(layer: Any, branch: Any, x: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """(whether a hidden state was kept for `layer` in the innermost sibling call, which is released; that state
+    if it was computed for this `branch` from this very input `x` under the same modes (`_modes`), else None)."""
+    *outer, (family, kept) = _sibling_calls()
+    if layer not in kept:
+        return False, None
+    _LOCAL.siblings = (*outer, (family, {k: v for k, v in kept.items() if k is not layer}))
+    owner, source, modes, h = kept[layer]
+    return True, h if owner is branch and source is x and modes == _modes(x) else None
 
 
 def _graph_roots(output: Any) -> Iterator[torch.autograd.graph.Node]:
@@ -151,15 +173,15 @@ class ModelCall:
         if mask is None and self.position is not None and len(args) > self.position:
             mask = args[self.position]
         call = ForwardCall(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)
-        call.outer = _open_call(), _captured()
-        _LOCAL.call, _LOCAL.captured = call, {}
+        call.outer = _open_call(), _captured(), _sibling_calls()
+        _LOCAL.call, _LOCAL.captured, _LOCAL.siblings = call, {}, ()
 
     def close(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call = _open_call()
         if call is None or call.outer is None:
             return
         # back to the outer state; inputs a source kept for a sink that never ran are released
-        (_LOCAL.call, _LOCAL.captured), call.outer = call.outer, None
+        (_LOCAL.call, _LOCAL.captured, _LOCAL.siblings), call.outer = call.outer, None
         if call.attention_mask is not None and torch.is_grad_enabled():
             _tag_graph(output, call)
 

@@ -58,6 +58,12 @@ def is_causal_lm(model: nn.Module) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
+def has_cross_attention(model: nn.Module) -> bool:
+    """True when `model` holds a Hugging Face model with cross-attention, where q reads another input than k and v."""
+    configs = (getattr(m, "config", None) for m in model.modules())
+    return any(getattr(c, "is_encoder_decoder", False) or getattr(c, "add_cross_attention", False) for c in configs)
+
+
 def resolve_routing(model: nn.Module, config: LilyConfig) -> tuple[str, str]:
     """The routing mode to use and why."""
     if config.routing is not None:
@@ -147,6 +153,7 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
     if adapters is None:
         repacking = {n: getattr(m, CPU_REPACKING) for n, m in model.named_modules() if hasattr(m, CPU_REPACKING)}
         adapters = LilyAdapters([n for n, p in model.named_parameters() if p.requires_grad], repacking)
+        adapters.shares_inputs = not has_cross_attention(model)
         for module_name in repacking:
             setattr(model.get_submodule(module_name), CPU_REPACKING, False)
         for param in model.parameters():
@@ -264,7 +271,7 @@ def remove(model: nn.Module, merge: bool = False) -> nn.Module:
         if merge:
             layer.merge()
         _drop_site(model, layer)
-    for handle in adapters.hook_handles:
+    for handle in adapters.hook_handles + adapters.sibling_handles:
         handle.remove()
     for module_name, repacking in adapters.cpu_repacking.items():
         setattr(model.get_submodule(module_name), CPU_REPACKING, repacking)

@@ -11,8 +11,9 @@ per output position (in (N, H', W') order); each B_e is a 1x1 conv, so a positio
 "token" routing mixes the experts per pixel, "sample" pools over an image's positions.
 
 Sibling layers that read the same input (q, k and v; gate and up: `SHARED_INPUTS`) compute their h in one
-matmul: the first of them to run applies its siblings' A groups too, concatenated with its own, and keeps
-their h for them (`lily.calls.share_hidden`), which each takes if it then runs on that very input.
+matmul: within one call of their parent, the first of them to run applies the others' A groups too,
+concatenated with its own, and keeps their h for them (`lily.calls.share_hidden`); each takes its h only if it
+runs on that very input.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lily.bank import LilyBank
-from lily.calls import attention_mask, capture_input, share_hidden, shared_hidden, take_input
+from lily.calls import (
+    attention_mask,
+    capture_input,
+    close_siblings,
+    open_siblings,
+    share_hidden,
+    shared_hidden,
+    sibling_family,
+    take_input,
+)
 from lily.errors import MergeError, TargetError
 from lily.routing import add_experts, expert_weights, make_router, mix_experts, require_mergeable
 
@@ -43,8 +53,7 @@ def linear_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
-"""Names of sibling layers (under one parent) that transformers' attention and MLP blocks call on the same input,
-in the order they call them."""
+"""Names of sibling layers (under one parent) that transformers' attention and MLP blocks call on the same input."""
 
 SLOT_ATTR = "lily_parallel"
 """The attribute of a parallel adapter's sink module that holds its `ParallelSlot`."""
@@ -73,10 +82,15 @@ class LilyBranch(nn.Module):
         self.router = make_router(routing, bank.r, bank.num_B, router_scale, bank.B.device, bank.B.dtype)
         object.__setattr__(self, "bank", bank)
 
-    def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_g, experts) on `device` (a model split over devices: the shared bank lives on one of them)."""
-        a, experts = self.bank.A[self.group], self.bank.B
-        return (a, experts) if a.device == device else (a.to(device), experts.to(device))
+    def a_group(self, device: torch.device) -> torch.Tensor:
+        """A_g on `device` (a model split over devices: the shared bank lives on one of them)."""
+        a = self.bank.A[self.group]
+        return a if a.device == device else a.to(device)
+
+    def experts(self, device: torch.device) -> torch.Tensor:
+        """The B experts on `device`."""
+        experts = self.bank.B
+        return experts if experts.device == device else experts.to(device)
 
     def down_input(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """What A_g is applied to: dropout(x), in A's dtype unless autocast picks the dtype."""
@@ -91,9 +105,9 @@ class LilyBranch(nn.Module):
         device.
 
         `down` applies A_g: a linear map, or an adapted conv's own (`LilyLayer.down`)."""
-        a, experts = self.factors(x.device)
+        a = self.a_group(x.device)
         h = down(self.down_input(x, a), a)
-        return (ACTIVATIONS[self.activation](h) if self.activation else h), experts
+        return (ACTIVATIONS[self.activation](h) if self.activation else h), self.experts(x.device)
 
     def forward(
         self, x: torch.Tensor, base: torch.Tensor, down: Projection = linear_down, h: torch.Tensor | None = None
@@ -101,10 +115,7 @@ class LilyBranch(nn.Module):
         """base + s * sum_e w_e (h B_e^T): the update for input x added to `base`, the base layer's output
         (features last, one position per row of h; see `low_rank` for `down`), in base's dtype. `h`: this
         layer's hidden if a sibling already computed it from x."""
-        if h is None:
-            h, experts = self.low_rank(x, down)
-        else:
-            experts = self.factors(h.device)[1]
+        h, experts = self.low_rank(x, down) if h is None else (h, self.experts(h.device))
         mask = attention_mask() if self.routing == "sample" else None
         dtype = base.dtype
         if dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
@@ -159,8 +170,6 @@ class LilyLayer(LilySite):
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
-        self.siblings: tuple[LilyLayer, ...] = ()
-        """Layers that run after this one on the same input, with the same active adapter (`link_siblings`)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -186,34 +195,37 @@ class LilyLayer(LilySite):
             return out
         branch = self.adapters[self.active]
         if self.kind != "conv2d":
-            h = shared_hidden(id(branch), x)
-            return branch(x, out, self.down, self.low_rank_with_siblings(x, branch) if h is None else h)
+            return branch(x, out, self.down, self.shared_low_rank(x, branch))
         images = out if out.dim() == 4 else out.unsqueeze(0)
         adapted = branch(x, images.movedim(1, -1), self.down).movedim(-1, 1).reshape(out.shape)  # channels first
         return adapted.contiguous() if out.is_contiguous() else adapted
 
-    def low_rank_with_siblings(self, x: torch.Tensor, branch: LilyBranch) -> torch.Tensor | None:
-        """This layer's h, computed by one matmul with its siblings' (their A groups concatenated to its own),
-        whose h are kept for them; None when no sibling can share it (none unmerged, without training dropout,
-        of the same width and dtype)."""
-        if not self.siblings or (branch.dropout and branch.training):
+    def shared_low_rank(self, x: torch.Tensor, branch: LilyBranch) -> torch.Tensor | None:
+        """This layer's h from a matmul shared with its siblings in the running call of their parent (`Siblings`):
+        kept for it by the sibling that ran first, or, if none did, computed now with theirs (their A groups
+        concatenated to its own), keeping theirs for them. None (the layer computes its own) outside such a
+        call, under training dropout, when what was kept came from another input, or when no sibling can share
+        (none active and unmerged, without training dropout, of the same width and dtype)."""
+        family = sibling_family()
+        if family is None or self not in family.layers or (branch.dropout and branch.training):
             return None
-        group = [branch]
-        for layer in self.siblings:
-            other = layer.adapters[layer.active] if layer.active is not None and layer.merged is None else None
-            if (
-                other is not None
-                and not (other.dropout and other.training)
-                and other.bank.in_features == branch.bank.in_features
-                and other.bank.B.dtype == branch.bank.B.dtype
-            ):
-                group.append(other)
+        kept, h = shared_hidden(self, branch, x)
+        if kept:  # None if kept for another input: then this layer computes its own
+            return h
+        group = [(self, branch)]
+        for layer in family.layers:
+            if layer is self or layer.active is None or layer.merged is not None:
+                continue
+            other = layer.adapters[layer.active]
+            a, b = other.bank.A[other.group], branch.bank.A[branch.group]
+            if not (other.dropout and other.training) and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype:
+                group.append((layer, other))
         if len(group) == 1:
             return None
-        factors = [b.factors(x.device)[0] for b in group]
+        factors = [other.a_group(x.device) for _, other in group]  # linear or Conv1D layers: no activation on h
         hs = linear_down(branch.down_input(x, factors[0]), torch.cat(factors)).split([a.shape[0] for a in factors], 1)
-        for other, h in zip(group[1:], hs[1:], strict=True):
-            share_hidden(id(other), x, h)
+        for (layer, other), h in zip(group[1:], hs[1:], strict=True):
+            share_hidden(layer, other, x, h)
         return hs[0]
 
     def weight_delta(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -320,22 +332,42 @@ class ParallelSlot(LilySite):
         return f"source={self.source!r}, active={self.active!r}"
 
 
-def link_siblings(sites: Iterable[tuple[str, LilySite]], enabled: bool = True) -> None:
-    """Give the first active layer of each family in `SHARED_INPUTS` under one parent the others as `siblings`
-    (all active sites run the same adapter); reset every other layer's. `enabled=False` (a model with
-    cross-attention, where q reads another input than k and v) links none."""
-    families: dict[tuple[str, int], list[tuple[int, LilyLayer]]] = {}
+class Siblings:
+    """Adapted layers under one parent module that it calls on the same input (a family of `SHARED_INPUTS`).
+
+    A forward pre-hook and hook (also run when the call raises) on the parent delimit each call of it
+    (`lily.calls.open_siblings`), within which the layers share one A matmul (`LilyLayer.shared_low_rank`).
+    """
+
+    def __init__(self, layers: tuple[LilyLayer, ...]) -> None:
+        self.layers = layers
+
+    def open(self, module: nn.Module, args: tuple) -> None:
+        open_siblings(self)
+
+    def close(self, module: nn.Module, args: tuple, output: Any) -> None:
+        close_siblings(self)
+
+    def register(self, parent: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        return [parent.register_forward_pre_hook(self.open), parent.register_forward_hook(self.close, always_call=True)]
+
+
+def link_siblings(model: nn.Module, sites: Iterable[tuple[str, LilySite]]) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook a `Siblings` on the parent of every family of two or more active adapted layers (not Conv2d) of
+    `model`'s `sites`; the hooks' handles."""
+    families: dict[tuple[str, int], list[LilyLayer]] = {}
     for name, site in sites:
-        if not isinstance(site, LilyLayer):
-            continue
-        site.siblings = ()
-        parent, _, leaf = name.rpartition(".")
-        for i, family in enumerate(SHARED_INPUTS):
-            if enabled and leaf in family and site.kind != "conv2d" and site.active is not None:
-                families.setdefault((parent, i), []).append((family.index(leaf), site))
-    for members in families.values():
-        first, *rest = (layer for _, layer in sorted(members, key=lambda m: m[0]))
-        first.siblings = tuple(rest)
+        if isinstance(site, LilyLayer) and site.kind != "conv2d" and site.active is not None:
+            parent, _, leaf = name.rpartition(".")
+            for i, family in enumerate(SHARED_INPUTS):
+                if leaf in family:
+                    families.setdefault((parent, i), []).append(site)
+    return [
+        handle
+        for (parent, _), layers in families.items()
+        if len(layers) > 1
+        for handle in Siblings(tuple(layers)).register(model.get_submodule(parent))
+    ]
 
 
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:

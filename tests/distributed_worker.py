@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lily
 from lily.distributed import fully_shard_blocks
-from tests.helpers import randomize_adapter, tiny_bert
+from tests.helpers import exit_worker, randomize_adapter, tiny_bert
 
 BATCH = 4
 
@@ -66,3 +66,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()

@@ -3,6 +3,7 @@ two-process launcher."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -166,6 +167,16 @@ def assert_same_state(before: tuple, after: tuple) -> None:
         assert torch.equal(after[1][name][0], tensor) and after[1][name][1] == grad, name
     assert after[2] == before[2], "hooks changed"
     assert after[3] == before[3], "adapters changed"
+
+
+def exit_worker() -> None:
+    """End a torchrun worker whose work is done without interpreter finalization. With torch 2.13 a gloo thread
+    may still be freeing a finished collective (a DDP gradient all-reduce kept by the last barrier) whose captured
+    thread-local state holds a Python object; once finalization has begun that thread cannot take the GIL, and
+    the process aborts ("terminate called without an active exception") although every result is written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def torchrun(*args: str) -> None:

@@ -145,7 +145,7 @@ def test_compiled_model_has_no_graph_break_and_matches_eager_outputs_and_gradien
     lily.inject(model, lily.LilyConfig(target_modules=["key", "value"], r=4, routing=routing), name="other")
     randomize_adapter(model)
     model.eval()
-    assert all(layer.siblings for name, layer in lily.lily_layers(model) if name.endswith("key"))  # one matmul
+    assert len(model.lily_adapters.sibling_handles) == 2 * 3  # key and value share a matmul in each block
     batches = padded_batches(3)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model)(**batches[0])

@@ -140,8 +140,8 @@ def llama_with_siblings(mode: str, dropout: float = 0.0) -> nn.Module:
     return model.double()
 
 
-def down_matmuls(model: nn.Module, monkeypatch: pytest.MonkeyPatch, run) -> list[int]:
-    """The rows of A in each A matmul (`lily.layer.linear_down` call) that `run(model)` makes, in order."""
+def down_matmuls(monkeypatch: pytest.MonkeyPatch, run) -> list[int]:
+    """The rows of A in each A matmul (`lily.layer.linear_down` call) that `run()` makes, in order."""
     rows = []
     original = lily.layer.linear_down
 
@@ -150,7 +150,7 @@ def down_matmuls(model: nn.Module, monkeypatch: pytest.MonkeyPatch, run) -> list
         return original(x, a)
 
     monkeypatch.setattr(lily.layer, "linear_down", counted)
-    run(model)
+    run()
     monkeypatch.setattr(lily.layer, "linear_down", original)
     return rows
 
@@ -167,55 +167,131 @@ def loss_and_grads(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tens
 def test_siblings_reading_one_input_share_one_down_matmul_with_the_same_results(mode, monkeypatch):
     """q/k/v and gate/up each make one A matmul; loss and every gradient equal those of separate matmuls."""
     model = llama_with_siblings(mode).train()
-    layers = dict(lily.lily_layers(model))
-    assert [n for n, layer in layers.items() if layer.siblings] == [
-        f"model.layers.{i}.{block}" for i in range(2) for block in ("self_attn.q_proj", "mlp.gate_proj")
-    ]
-    assert down_matmuls(model, monkeypatch, loss_and_grads) == [12, 4, 8, 4] * 2  # q/k/v, o, gate/up, down (r=4)
+    handles = model.lily_adapters.sibling_handles
+    assert len(handles) == 2 * 2 * 2  # a pre-hook and a hook on self_attn and on mlp, in 2 blocks
+    rows = down_matmuls(monkeypatch, lambda: loss_and_grads(model))
+    assert rows == [12, 4, 8, 4] * 2  # q/k/v, o, gate/up, down (r=4)
+    assert lily.calls._sibling_calls() == ()  # nothing kept after the calls
     fused = loss_and_grads(model)
-    for layer in layers.values():
-        layer.siblings = ()
-    assert down_matmuls(model, monkeypatch, loss_and_grads) == [4] * 14
+    for handle in handles:
+        handle.remove()
+    assert down_matmuls(monkeypatch, lambda: loss_and_grads(model)) == [4] * 14
     separate = loss_and_grads(model)
     torch.testing.assert_close(fused[0], separate[0], rtol=1e-12, atol=1e-12)
     for name, grad in separate[1].items():
         torch.testing.assert_close(fused[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_a_sibling_takes_the_shared_hidden_only_for_the_very_input_and_modes_it_came_from():
-    model = llama_with_siblings("token")
-    attention = model.model.layers[0].self_attn
-    q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
-    x, y = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+class Block(nn.Module):
+    """q_proj, k_proj and v_proj, called as `calls(block, x)` says."""
+
+    def __init__(self, calls) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(8, 6) for _ in range(3))
+        self.calls = calls
+
+    def forward(self, x: torch.Tensor):
+        return self.calls(self, x)
+
+
+def block(calls, dtype: torch.dtype = torch.float64) -> Block:
+    torch.manual_seed(0)
+    model = Block(calls)
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, num_A=1, routing="token"))
+    randomize_adapter(model)
+    return model.to(dtype)
+
+
+def test_siblings_share_in_any_call_order(monkeypatch):
+    model = block(lambda m, x: (m.k_proj(x), m.v_proj(x), m.q_proj(x)))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    outputs = []
+    rows = down_matmuls(monkeypatch, lambda: outputs.extend(model(x)))
+    assert rows == [12]
+    for layer, out in zip((model.k_proj, model.v_proj, model.q_proj), outputs, strict=True):
+        torch.testing.assert_close(out, reference_layer(layer, x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_sibling_computes_its_own_hidden_for_another_or_changed_input_and_outside_its_parents_call(monkeypatch):
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    model = block(lambda m, x: (m.q_proj(x), m.k_proj(x + 1), m.v_proj(x.mul_(2))))
+    q_expected, k_expected = reference_layer(model.q_proj, x), reference_layer(model.k_proj, x + 1)
+    v_expected = reference_layer(model.v_proj, 2 * x)
+    outputs = []
+    assert down_matmuls(monkeypatch, lambda: outputs.extend(model(x))) == [12, 4, 4]
+    for out, expected in zip(outputs, (q_expected, k_expected, v_expected), strict=True):
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert down_matmuls(monkeypatch, lambda: (model.q_proj(x), model.k_proj(x))) == [4, 4]  # no parent call
+    assert lily.calls._sibling_calls() == ()
+
+    def switch_after_q(m, x):  # k's h was kept for the adapter that ran q
+        m.q_proj(x)
+        lily.set_adapter(m, "other")
+        return m.k_proj(x)
+
+    model = block(switch_after_q)
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, num_A=1), name="other")
+    randomize_adapter(model.double(), seed=1)
+    lily.set_adapter(model, "default")
     with torch.no_grad():
-        q(x)
-        torch.testing.assert_close(k(y), reference_layer(k, y), rtol=1e-12, atol=1e-12)  # another input
-        q(x)
-        x.mul_(2)  # the same tensor, changed in place after q read it
-        torch.testing.assert_close(v(x), reference_layer(v, x), rtol=1e-12, atol=1e-12)
-        q(x)
-    out = k(x)  # computed under no_grad by q; k runs with grad: it must build its own graph
-    assert out.requires_grad
-    torch.testing.assert_close(out, reference_layer(k, x), rtol=1e-12, atol=1e-12)
-    q(x)
-    for layer in (k, v):  # the shared path itself
-        torch.testing.assert_close(layer(x), reference_layer(layer, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model(x), reference_layer(model.k_proj, x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_sibling_computes_its_own_hidden_under_other_grad_or_autocast_modes():
+    def no_grad_q(m, x):
+        with torch.no_grad():
+            m.q_proj(x)
+        return m.k_proj(x)
+
+    model = block(no_grad_q)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    k = model.k_proj.adapters["default"]
+    a_k = k.bank.A[k.group]
+    (grad,) = torch.autograd.grad(model(x).sum(), a_k)  # with q's h, k's A would get no gradient
+    (expected,) = torch.autograd.grad(reference_layer(model.k_proj, x).sum(), a_k)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+    def autocast_q(m, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m.q_proj(x)
+        return m.k_proj(x)
+
+    model = block(autocast_q, torch.float32)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_layer(model.k_proj, x), rtol=1e-6, atol=1e-6)
+
+
+def test_siblings_under_inference_mode_equal_no_grad_and_keep_nothing_after_an_error():
+    model = block(lambda m, x: torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], -1))
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+    def fails(m, x):
+        m.q_proj(x)
+        raise RuntimeError("in the block")
+
+    model.calls = fails
+    with pytest.raises(RuntimeError, match="in the block"):
+        model(x)
+    assert lily.calls._sibling_calls() == ()
 
 
 def test_no_shared_matmul_under_training_dropout_for_a_merged_sibling_or_with_cross_attention(monkeypatch):
     model = llama_with_siblings("token", dropout=0.1)
-    assert down_matmuls(model.train(), monkeypatch, loss_and_grads) == [4] * 14
-    assert down_matmuls(model.eval(), monkeypatch, loss_and_grads) == [12, 4, 8, 4] * 2
+    assert down_matmuls(monkeypatch, lambda: loss_and_grads(model.train())) == [4] * 14
+    assert down_matmuls(monkeypatch, lambda: loss_and_grads(model.eval())) == [12, 4, 8, 4] * 2
 
     model = llama_with_siblings("static")
-    k_proj = model.model.layers[0].self_attn.k_proj
-    k_proj.merge()
+    model.model.layers[0].self_attn.k_proj.merge()
     with torch.no_grad():
-        rows = down_matmuls(model, monkeypatch, lambda m: m(torch.tensor([[5, 9, 2]])))
+        rows = down_matmuls(monkeypatch, lambda: model(torch.tensor([[5, 9, 2]])))
     assert rows == [8, 4, 8, 4, 12, 4, 8, 4]  # block 0: q and v in one matmul, k merged
-    k_proj.unmerge()
 
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      intermediate_size=64, is_decoder=True, add_cross_attention=True)  # fmt: skip
     bert = lily.inject(transformers.BertModel(config), lily.LilyConfig(target_modules=["query", "key", "value"], r=4))
-    assert not any(layer.siblings for _, layer in lily.lily_layers(bert))
+    assert bert.lily_adapters.sibling_handles == []

@@ -13,6 +13,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lily
+from tests.helpers import exit_worker
 
 
 def main() -> None:
@@ -34,3 +35,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_worker()
