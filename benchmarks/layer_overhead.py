@@ -33,19 +33,28 @@ BLOCKS = {"linear": ("proj",), "qkv": ("q_proj", "k_proj", "v_proj")}
 """A layer of the stack: one projection, or three that read the same input, like attention's q, k and v."""
 
 
+class Block(nn.Module):
+    """tanh of the sum of its Linear(width, width) projections of x (siblings that read one input, like q, k, v)."""
+
+    def __init__(self, width: int, projections: tuple[str, ...]) -> None:
+        super().__init__()
+        for name in projections:
+            self.add_module(name, nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(reduce(operator.add, (projection(x) for projection in self.children())))
+
+
 class Stack(nn.Module):
-    """depth x (the sum of the block's Linear(width, width) projections of x, tanh): a transformer's adapted
-    projections without the rest."""
+    """depth x `Block`: a transformer's adapted projections without the rest."""
 
     def __init__(self, depth: int, width: int, projections: tuple[str, ...] = BLOCKS["linear"]) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(
-            nn.ModuleDict({name: nn.Linear(width, width) for name in projections}) for _ in range(depth)
-        )
+        self.layers = nn.ModuleList(Block(width, projections) for _ in range(depth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = torch.tanh(reduce(operator.add, (projection(x) for projection in layer.values())))
+            x = layer(x)
         return x
 
 

@@ -179,16 +179,21 @@ def saved_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.
     return {**_lily_tensors(model, name, file_names=True), **module_parameters(model, name)}
 
 
-def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
-    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer), and
-    hook the parents of active siblings that read one input (`link_siblings`)."""
-    active = None if adapters.disabled else adapters.active
-    sites = list(lily_layers(model))
-    for _, layer in sites:
-        layer.active = active if active in layer.adapters else None
+def relink_siblings(model: nn.Module) -> None:
+    """Hook the parents of adapted siblings that read one input (`lily.layer.link_siblings`) anew, after layers
+    were wrapped or unwrapped; not in a model with cross-attention."""
+    adapters = get_adapters(model)
     for handle in adapters.sibling_handles:
         handle.remove()
-    adapters.sibling_handles = link_siblings(original_module(model), sites) if adapters.shares_inputs else []
+    model = original_module(model)
+    adapters.sibling_handles = link_siblings(model, lily_layers(model)) if adapters.shares_inputs else []
+
+
+def _sync(model: nn.Module, adapters: LilyAdapters) -> None:
+    """Point every layer at the active adapter (None where it is disabled or does not adapt the layer)."""
+    active = None if adapters.disabled else adapters.active
+    for _, layer in lily_layers(model):
+        layer.active = active if active in layer.adapters else None
 
 
 def set_adapter(model: nn.Module, name: str, inference_mode: bool | None = None) -> nn.Module:

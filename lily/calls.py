@@ -104,16 +104,17 @@ def close_siblings(family: Any) -> None:
 
 
 def sibling_family() -> Any:
-    """The family whose parent's call is the innermost open one (None outside any)."""
+    """The siblings whose parent's call is the innermost open one (None outside any)."""
     calls = _sibling_calls()
     return calls[-1][0] if calls else None
 
 
 def _modes(x: torch.Tensor) -> tuple[Any, ...]:
     """What must not change between computing a hidden state from `x` and using it: x's in-place version
-    (not tracked for inference tensors, nor in a compiled graph), grad mode and autocast."""
+    (not tracked for inference tensors, nor in a compiled graph), grad mode and the autocast dtype."""
     version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
-    return version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
+    return version, torch.is_grad_enabled(), autocast
 
 
 def share_hidden(layer: Any, branch: Any, x: torch.Tensor, h: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from lily.adapter import (
     get_adapters,
     lily_layers,
     original_module,
+    relink_siblings,
     set_adapter,
 )
 from lily.bank import LilyBank
@@ -169,6 +170,7 @@ def inject(model: nn.Module, config: LilyConfig, name: str = "default") -> nn.Mo
             site = _layer(model, t.module_names[i])
         site.adapters[name] = branch
     adapters[name] = adapter
+    relink_siblings(model)
     set_adapter(model, name)
     return given
 
@@ -249,6 +251,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         for n, param in model.get_submodule(module).named_parameters():
             param.requires_grad_(f"{module}.{n}" in trainable)
     del adapters[name]
+    relink_siblings(model)
     set_adapter(model, adapters.active if adapters.active != name else next(iter(adapters)))
     return given
 

@@ -206,14 +206,15 @@ class LilyLayer(LilySite):
         concatenated to its own), keeping theirs for them. None (the layer computes its own) outside such a
         call, under training dropout, when what was kept came from another input, or when no sibling can share
         (none active and unmerged, without training dropout, of the same width and dtype)."""
-        family = sibling_family()
-        if family is None or self not in family.layers or (branch.dropout and branch.training):
+        siblings = sibling_family()
+        family = None if siblings is None else siblings.family.get(self)
+        if family is None or (branch.dropout and branch.training):
             return None
         kept, h = shared_hidden(self, branch, x)
         if kept:  # None if kept for another input: then this layer computes its own
             return h
         group = [(self, branch)]
-        for layer in family.layers:
+        for layer in family:
             if layer is self or layer.active is None or layer.merged is not None:
                 continue
             other = layer.adapters[layer.active]
@@ -333,14 +334,15 @@ class ParallelSlot(LilySite):
 
 
 class Siblings:
-    """Adapted layers under one parent module that it calls on the same input (a family of `SHARED_INPUTS`).
+    """The families of adapted layers (of `SHARED_INPUTS`) under one parent module, each called by it on one input.
 
     A forward pre-hook and hook (also run when the call raises) on the parent delimit each call of it
-    (`lily.calls.open_siblings`), within which the layers share one A matmul (`LilyLayer.shared_low_rank`).
+    (`lily.calls.open_siblings`), within which each family shares one A matmul (`LilyLayer.shared_low_rank`).
     """
 
-    def __init__(self, layers: tuple[LilyLayer, ...]) -> None:
-        self.layers = layers
+    def __init__(self, families: list[tuple[LilyLayer, ...]]) -> None:
+        self.family = {layer: family for family in families for layer in family}
+        """Each layer's family (itself included)."""
 
     def open(self, module: nn.Module, args: tuple) -> None:
         open_siblings(self)
@@ -353,21 +355,21 @@ class Siblings:
 
 
 def link_siblings(model: nn.Module, sites: Iterable[tuple[str, LilySite]]) -> list[torch.utils.hooks.RemovableHandle]:
-    """Hook a `Siblings` on the parent of every family of two or more active adapted layers (not Conv2d) of
-    `model`'s `sites`; the hooks' handles."""
-    families: dict[tuple[str, int], list[LilyLayer]] = {}
+    """Hook a `Siblings` on every parent of two or more adapted layers (not Conv2d) of one family, among `model`'s
+    `sites`; the hooks' handles. Which of them run an adapter is checked at each call."""
+    families: dict[str, dict[int, list[LilyLayer]]] = {}
     for name, site in sites:
-        if isinstance(site, LilyLayer) and site.kind != "conv2d" and site.active is not None:
+        if isinstance(site, LilyLayer) and site.kind != "conv2d":
             parent, _, leaf = name.rpartition(".")
             for i, family in enumerate(SHARED_INPUTS):
                 if leaf in family:
-                    families.setdefault((parent, i), []).append(site)
-    return [
-        handle
-        for (parent, _), layers in families.items()
-        if len(layers) > 1
-        for handle in Siblings(tuple(layers)).register(model.get_submodule(parent))
-    ]
+                    families.setdefault(parent, {}).setdefault(i, []).append(site)
+    handles = []
+    for parent, found in families.items():
+        linked = [tuple(layers) for layers in found.values() if len(layers) > 1]
+        if linked:
+            handles += Siblings(linked).register(model.get_submodule(parent))
+    return handles
 
 
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:

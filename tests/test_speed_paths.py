@@ -1,6 +1,7 @@
 """The fused forward (one matmul adds the update to the base output) keeps the reference maths for every input
 layout, dtype and memory format it meets, and its gradients are the reference formula's."""
 
+import copy
 import functools
 
 import pytest
@@ -173,6 +174,11 @@ def test_siblings_reading_one_input_share_one_down_matmul_with_the_same_results(
     assert rows == [12, 4, 8, 4] * 2  # q/k/v, o, gate/up, down (r=4)
     assert lily.calls._sibling_calls() == ()  # nothing kept after the calls
     fused = loss_and_grads(model)
+    with lily.disable_adapters(model):  # switching adapters keeps the hooks (a compiled model keeps its guards)
+        lily.set_adapter(model, "default")
+    assert model.lily_adapters.sibling_handles is handles
+    clone = copy.deepcopy(model)
+    assert down_matmuls(monkeypatch, lambda: loss_and_grads(clone)) == [12, 4, 8, 4] * 2
     for handle in handles:
         handle.remove()
     assert down_matmuls(monkeypatch, lambda: loss_and_grads(model)) == [4] * 14
@@ -200,6 +206,27 @@ def block(calls, dtype: torch.dtype = torch.float64) -> Block:
     lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, num_A=1, routing="token"))
     randomize_adapter(model)
     return model.to(dtype)
+
+
+def test_a_parent_called_alone_shares_and_keeps_nothing_after_it_returns_or_raises(monkeypatch):
+    model = llama_with_siblings("token")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    assert down_matmuls(monkeypatch, lambda: mlp(x)) == [8, 4]  # gate/up, down
+    assert lily.calls._sibling_calls() == ()
+    monkeypatch.setattr(mlp.act_fn, "forward", lambda h: 1 / 0)  # fails between gate/up and down
+    with pytest.raises(ZeroDivisionError):
+        mlp(x)
+    assert lily.calls._sibling_calls() == ()
+
+
+def test_two_families_under_one_parent_each_share_their_matmul(monkeypatch):
+    torch.manual_seed(0)
+    model = Block(lambda m, x: m.q_proj(x) + m.k_proj(x) + m.v_proj(x) + m.gate_proj(x) + m.up_proj(x))
+    model.gate_proj, model.up_proj = nn.Linear(8, 6), nn.Linear(8, 6)
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    lily.inject(model, lily.LilyConfig(target_modules=targets, r=4, num_A=1, routing="token"))
+    assert down_matmuls(monkeypatch, lambda: model(torch.randn(3, 8))) == [12, 8]
 
 
 def test_siblings_share_in_any_call_order(monkeypatch):
