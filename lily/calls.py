@@ -117,10 +117,13 @@ def _modes(x: torch.Tensor) -> tuple[Any, ...]:
     return version, torch.is_grad_enabled(), autocast
 
 
-def share_hidden(layer: Any, branch: Any, x: torch.Tensor, h: torch.Tensor) -> None:
-    """Keep `h`, computed for `layer`'s `branch` from input `x`, in the innermost sibling call, for that layer."""
+def share_hidden(x: torch.Tensor, hidden: dict[Any, tuple[Any, torch.Tensor]]) -> None:
+    """Keep the hidden states computed from input `x`, {layer: (its branch, h)}, in the innermost sibling call,
+    each for its layer."""
     *outer, (family, kept) = _sibling_calls()
-    _LOCAL.siblings = (*outer, (family, {**kept, layer: (branch, x, _modes(x), h)}))
+    modes = _modes(x)
+    new = {layer: (branch, x, modes, h) for layer, (branch, h) in hidden.items()}
+    _LOCAL.siblings = (*outer, (family, {**kept, **new}))
 
 
 def shared_hidden(layer: Any, branch: Any, x: torch.Tensor) -> tuple[bool, torch.Tensor | None]:

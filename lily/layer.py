@@ -213,20 +213,20 @@ class LilyLayer(LilySite):
         kept, h = shared_hidden(self, branch, x)
         if kept:  # None if kept for another input: then this layer computes its own
             return h
+        own = branch.bank.A[branch.group]
         group = [(self, branch)]
         for layer in family:
             if layer is self or layer.active is None or layer.merged is not None:
                 continue
             other = layer.adapters[layer.active]
-            a, b = other.bank.A[other.group], branch.bank.A[branch.group]
-            if not (other.dropout and other.training) and a.shape[1:] == b.shape[1:] and a.dtype == b.dtype:
+            a = other.bank.A[other.group]
+            if not (other.dropout and other.training) and a.shape[1:] == own.shape[1:] and a.dtype == own.dtype:
                 group.append((layer, other))
         if len(group) == 1:
             return None
         factors = [other.a_group(x.device) for _, other in group]  # linear or Conv1D layers: no activation on h
         hs = linear_down(branch.down_input(x, factors[0]), torch.cat(factors)).split([a.shape[0] for a in factors], 1)
-        for (layer, other), h in zip(group[1:], hs[1:], strict=True):
-            share_hidden(layer, other, x, h)
+        share_hidden(x, {layer: (other, h) for (layer, other), h in zip(group[1:], hs[1:], strict=True)})
         return hs[0]
 
     def weight_delta(self, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
