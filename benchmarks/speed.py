@@ -4,8 +4,9 @@ For each model: a training step (forward + backward + AdamW), an inference forwa
 (`lily.remove(merge=True)` / PEFT's `merge_and_unload`),
 for the frozen base (backward still runs through every layer), LoRA at rank r, PEFT's Lily at rank r, our
 Lily in every routing mode at rank r, and LoRA at our Lily's parameter budget. Reported: medians, the
-adapter overhead over the frozen base, its ratio to LoRA's at the same rank, and memory (CUDA max
-allocated on GPU, bytes saved for backward on CPU).
+adapter overhead over the frozen base, its ratio to LoRA's at the same rank, and memory (on GPU the peak CUDA
+memory a train step allocates above the resident weights and optimizer state, on CPU the bytes saved for
+backward).
 
     python -m benchmarks.speed --quick      # < 2 min on 2 CPU cores: one random SmolLM2-sized Llama
     python -m benchmarks.speed              # bundled MiniLM / SmolLM2 / DINOv2 where installed, random Llamas
@@ -32,23 +33,28 @@ from benchmarks.common import (
     write_results,
 )
 
-LLAMA_SHAPES = {  # random-weight Llamas: SmolLM2-135M's width, and a 1B-class width with few layers
+LLAMA_SHAPES = {  # random-weight Llamas: SmolLM2-135M's width, a 1B-class width with few layers, two real shapes
     "llama-576x8 (random)": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8,
                                  num_attention_heads=9, num_key_value_heads=3),
     "llama-2048x4 (random)": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
                                   num_attention_heads=16, num_key_value_heads=4),
+    "smollm2-135m (random)": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,  # SmolLM2-135M
+                                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                  tie_word_embeddings=True),
     "llama-1b (random)": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,  # Llama-3.2-1B
-                              num_attention_heads=32, num_key_value_heads=8),
+                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                              tie_word_embeddings=True),
 }  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(name: str) -> tuple[torch.nn.Module, list[str], str]:
-    """(model, targets, kind) where kind is 'causal' or 'encoder' or 'image'."""
+def load_model(name: str, device: torch.device) -> tuple[torch.nn.Module, list[str], str]:
+    """(model, targets, kind) where kind is 'causal' or 'encoder' or 'image'; random Llamas are built on `device`."""
     if name in LLAMA_SHAPES:
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(vocab_size=4096, max_position_embeddings=1024, **LLAMA_SHAPES[name])
-        return transformers.LlamaForCausalLM(cfg), ["q_proj", "v_proj"], "causal"
+        cfg = transformers.LlamaConfig(**{"vocab_size": 4096, "max_position_embeddings": 1024, **LLAMA_SHAPES[name]})
+        with device:
+            return transformers.LlamaForCausalLM(cfg), ["q_proj", "v_proj"], "causal"
     from lily import assets
 
     transformers.logging.set_verbosity_error()
@@ -85,7 +91,7 @@ def merged_copy(name: str, model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    base, targets, kind = load_model(name)
+    base, targets, kind = load_model(name, device)
     targets = args.targets or targets
     base.to(device=device, dtype=DTYPES[args.dtype])  # adapter tensors stay float32 (ours and PEFT's)
     models = {k: m.to(device) for k, m in contenders(base, targets, args.r, args.num_A, args.num_B).items()}
@@ -120,10 +126,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     memory = {}
     for k, m in models.items():
         m.train()
-        if device.type == "cuda":
+        if device.type == "cuda":  # every contender is resident: count what the step allocates above that
+            torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
             train_step(k)()
-            memory[k] = torch.cuda.max_memory_allocated(device)
+            memory[k] = torch.cuda.max_memory_allocated(device) - resident
         else:
             memory[k] = saved_for_backward_bytes(lambda m=m: loss_of(m, inputs))
             m.zero_grad(set_to_none=True)
@@ -137,6 +145,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
             "train_ms": 1e3 * train[k], "train_overhead_ms": 1e3 * t_over,
             "train_tokens_per_s": args.batch * args.length / train[k],
             "train_overhead_vs_lora": t_over / (train[lora] - train["frozen"]) if k != "frozen" else None,
+            "train_vs_lora": train[k] / train[lora],
             "infer_ms": 1e3 * infer[k], "infer_vs_frozen": infer[k] / infer["frozen"],
             "merged_infer_vs_frozen": merged[k] / merged["frozen"] if k in merged else None,
             "memory_bytes": memory[k], "memory_vs_lora": memory[k] / memory[lora],
@@ -151,12 +160,13 @@ def table(rows: list[dict[str, Any]], memory_label: str) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         lines += [f"**{model}**", "",
-                  "| contender | trainable | train step ms | train tokens/s | train overhead / LoRA's | inference ms | "
-                  f"inference / base | merged inference / base | {memory_label} MB | memory / LoRA's |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| contender | trainable | train step ms | train tokens/s | train step / LoRA's | "
+                  "train overhead / LoRA's | inference ms | inference / base | merged inference / base | "
+                  f"{memory_label} MB | memory / LoRA's |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in (r for r in rows if r["model"] == model):
             cells = [r["contender"], f"{r['trainable']:,}", f"{r['train_ms']:.1f}", f"{r['train_tokens_per_s']:,.0f}",
-                     f(r["train_overhead_vs_lora"], ".2f"), f"{r['infer_ms']:.1f}",
+                     f"{r['train_vs_lora']:.2f}", f(r["train_overhead_vs_lora"], ".2f"), f"{r['infer_ms']:.1f}",
                      f(r["infer_vs_frozen"], ".2f"), f(r["merged_infer_vs_frozen"], ".2f"),
                      f"{r['memory_bytes'] / 1e6:.1f}", f"{r['memory_vs_lora']:.2f}"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
@@ -191,8 +201,8 @@ def main() -> None:
         except lily.LilyError as exc:  # a bundled asset that is not installed
             print(f"skipping {name}: {exc}")
             continue
-        print(table([r for r in rows if r["model"] == name], "peak" if device.type == "cuda" else "saved"))
-    memory_label = "peak allocated" if device.type == "cuda" else "saved-for-backward"
+        print(table([r for r in rows if r["model"] == name], "step peak" if device.type == "cuda" else "saved"))
+    memory_label = "train step's peak CUDA memory above the weights" if device.type == "cuda" else "saved-for-backward"
     settings = {k: v for k, v in vars(args).items() if k != "models"}
     write_results(args.name, {"settings": settings, "machine": device_info(device), "allocator": allocator,
                               "rows": rows},

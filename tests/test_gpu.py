@@ -81,3 +81,80 @@ def test_bitsandbytes_base_on_gpu(quant):
     assert torch.isfinite(grads).all() and torch.nn.functional.cosine_similarity(grads, expected, dim=0) > 0.99
     adapter_ids = {id(p) for p in ours.values()}
     assert all(p.grad is None for p in model.parameters() if id(p) not in adapter_ids)
+
+
+@pytest.mark.parametrize("routing", lily.ROUTING_MODES)
+def test_every_routing_mode_trains_on_a_bfloat16_base_close_to_float32(routing):
+    inputs = {k: v.cuda() for k, v in model_inputs("llama").items()}
+    reference = cuda_model(routing)
+    with torch.no_grad():
+        full = reference(**inputs).logits
+    torch.manual_seed(0)
+    model = tiny_llama().to("cuda", torch.bfloat16)  # a bf16 base, as from_pretrained(torch_dtype=bfloat16) gives
+    lily.inject(model, lily.get_adapter(reference).config)
+    randomize_adapter(model, std=0.1)
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.logits.float(), full, atol=0.1, rtol=0.1)
+    for name, p in lily.adapter_parameters(model).items():
+        assert p.dtype == torch.float32 and p.is_cuda and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("routing", ["token", "sample"])
+def test_siblings_share_one_matmul_on_cuda_with_the_results_of_separate_matmuls(routing):
+    import copy
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=8, num_B=4, routing=routing))
+    randomize_adapter(model, std=0.1)
+    model.to("cuda", torch.float64).train()
+    separate = copy.deepcopy(model)
+    assert separate.lily_adapters.sibling_handles
+    for handle in separate.lily_adapters.sibling_handles:
+        handle.remove()
+    inputs = {k: v.cuda() for k, v in model_inputs("llama").items()}
+    results = []
+    for run in (model, separate):
+        out = run(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in lily.adapter_parameters(run).items()}))
+    (logits, grads), (ref_logits, ref_grads) = results
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-10, rtol=0, msg=name)
+
+
+def test_inductor_compiled_model_on_cuda_has_no_graph_break_and_matches_eager():
+    import torch._dynamo
+
+    model = cuda_model("token").train()
+    inputs = {k: v.cuda() for k, v in model_inputs("llama").items()}
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    compiled = torch.compile(model)
+    params = lily.adapter_parameters(model)
+    results = []
+    for run in (compiled, model):
+        model.zero_grad()
+        logits = run(**inputs).logits
+        logits.pow(2).mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in params.items()}))
+    (logits, grads), (eager_logits, eager_grads) = results
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_an_adapter_saved_from_cuda_loads_on_cpu_with_the_same_outputs(tmp_path):
+    model = cuda_model("sample")
+    inputs = model_inputs("llama")
+    with torch.no_grad():
+        expected = model(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
+    lily.save_adapter(model, tmp_path / "adapter")
+    torch.manual_seed(0)
+    loaded = lily.load_adapter(tiny_llama(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
