@@ -7,9 +7,11 @@ thread sees separately (nested calls restore the outer call's state; `torch.comp
 graph breaks):
 
 - `ModelCall` (a forward pre-hook and hook on the adapted model) opens one `ForwardCall` per model call,
-  holding that call's mask, and closes it when the call returns or raises.
+  holding that call's mask, and closes it when the call returns or raises. The mask's per-position weights
+  (`position_weights`) and what every layer of a target type derives alike from its parameters (`per_call`)
+  are computed once per call, when a layer first asks for them.
 - Activation checkpointing replays a block during backward, after the call has closed. So when a call
-  builds an autograd graph and has a mask, its graph's nodes are tagged with the call
+  builds an autograd graph and a layer read its mask, its graph's nodes are tagged with the call
   (`Node.metadata`); a replay finds its call through the node that the autograd engine is running.
   Reentrant and non-reentrant checkpointing, several forwards before one backward, and threads then all
   route with the mask of the forward being replayed.
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from lily import routing
 
 METADATA_KEY = "lily_forward_call"
 """Key of `torch.autograd.graph.Node.metadata` under which a call's graph nodes record their call."""
@@ -36,9 +40,13 @@ METADATA_KEY = "lily_forward_call"
 
 @dataclass(eq=False)
 class ForwardCall:
-    """One call of the adapted model: its 2-D `attention_mask` (None when not given)."""
+    """One call of the adapted model: its 2-D `attention_mask` (None when not given), and the mask's per-position
+    weights by dtype and device, once a layer has asked for them (`position_weights`)."""
 
     attention_mask: torch.Tensor | None
+    pools: dict[tuple[torch.dtype, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
+    derived: dict[Any, tuple[tuple, torch.Tensor]] = field(default_factory=dict, repr=False)
+    """`per_call`'s tensors by key, each with the modes of its source when it was made; emptied when the call ends."""
     outer: tuple[ForwardCall | None, dict[int, torch.Tensor], tuple] | None = field(default=None, repr=False)
     """While the call runs: the thread's call, captured inputs and sibling calls before it, restored when it ends."""
 
@@ -66,10 +74,34 @@ def current_call() -> ForwardCall | None:
     return None if node is None else node.metadata.get(METADATA_KEY)
 
 
-def attention_mask() -> torch.Tensor | None:
-    """The attention mask of the current model call, if any (see `current_call`)."""
+def position_weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The weights "sample" routing gives each example's positions (`lily.routing.position_weights`) from the
+    current model call's attention mask (see `current_call`), computed once per call, dtype and device; None
+    without a mask."""
     call = current_call()
-    return None if call is None else call.attention_mask
+    if call is None or call.attention_mask is None:
+        return None
+    key = dtype, device
+    if key not in call.pools:
+        call.pools[key] = routing.position_weights(call.attention_mask, dtype, device)
+    return call.pools[key]
+
+
+def per_call(key: Any, source: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()`, a function of `source` alone, computed once per key in the thread's open model call and kept there
+    until the call ends. Made afresh outside any call (also in a replay), and when source's in-place version, the
+    grad mode or the autocast dtype differ from when it was kept (`_modes`), so a tensor made without autograd
+    never stands in for one with it."""
+    call = _open_call()
+    if call is None:
+        return make()
+    modes = _modes(source)
+    kept = call.derived.get(key)
+    if kept is not None and kept[0] == modes:
+        return kept[1]
+    value = make()
+    call.derived[key] = modes, value
+    return value
 
 
 def capture_input(key: int, x: torch.Tensor | None) -> None:
@@ -186,7 +218,8 @@ class ModelCall:
             return
         # back to the outer state; inputs a source kept for a sink that never ran are released
         (_LOCAL.call, _LOCAL.captured, _LOCAL.siblings), call.outer = call.outer, None
-        if call.attention_mask is not None and torch.is_grad_enabled():
+        call.derived.clear()
+        if call.pools and torch.is_grad_enabled():  # replays read the mask only if the call did
             _tag_graph(output, call)
 
     def register(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:

@@ -27,17 +27,26 @@ from torch import nn
 
 from lily.bank import LilyBank
 from lily.calls import (
-    attention_mask,
     capture_input,
     close_siblings,
     open_siblings,
+    per_call,
+    position_weights,
     share_hidden,
     shared_hidden,
     sibling_family,
     take_input,
 )
 from lily.errors import MergeError, TargetError
-from lily.routing import add_experts, expert_weights, make_router, mix_experts, require_mergeable
+from lily.routing import (
+    SHARED_MAP,
+    add_experts,
+    expert_matrix,
+    expert_weights,
+    make_router,
+    mix_experts,
+    require_mergeable,
+)
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 """Nonlinearities a parallel adapter may apply to h (the paper's ViT MLP adapter uses ReLU)."""
@@ -116,11 +125,18 @@ class LilyBranch(nn.Module):
         (features last, one position per row of h; see `low_rank` for `down`), in base's dtype. `h`: this
         layer's hidden if a sibling already computed it from x."""
         h, experts = self.low_rank(x, down) if h is None else (h, self.experts(h.device))
-        mask = attention_mask() if self.routing == "sample" else None
+        pool = None
+        if self.routing == "sample":  # in the dtype of the routing probabilities: softmax autocasts to float32
+            pool = position_weights(torch.float32 if torch.is_autocast_enabled(h.device.type) else h.dtype, h.device)
+        shared_map = None
+        if self.routing in SHARED_MAP:  # the same for every layer of the bank: computed once per model call
+            key = self.bank, experts.device
+            shared_map = per_call(key, self.bank.B, lambda: expert_matrix(self.routing, experts, self.scaling))
         dtype = base.dtype
         if dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
             base = base.to(h.dtype)  # added in the adapter's precision, rounded once
-        return add_experts(self.routing, base, h, self.router, experts, self.scaling, mask).to(dtype)
+        out = add_experts(self.routing, base, h, self.router, experts, self.scaling, pool, shared_map)
+        return out.to(dtype)
 
     def fixed_weights(self) -> torch.Tensor:
         """The input-independent expert weights (E,) of "static"/"uniform" routing; MergeError otherwise."""

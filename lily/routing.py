@@ -9,7 +9,8 @@ mode         expert weights w                                            propert
 "batch"      mean of p over the batch AND the tokens: one w per layer    the paper's code exactly;
              per forward call                                            couples examples in a batch
 "sample"     mean of p over one example's tokens (positions where the    batch- and padding-invariant;
-             model's ``attention_mask`` is 0 are left out)               pooled over future tokens
+             model's ``attention_mask`` is 0 are left out, see           pooled over future tokens
+             `position_weights`)
 "token"      p itself: every token mixes the experts its own way         leak-free for causal models
 "static"     softmax of a learned per-layer logit vector (E values)      input-independent: mergeable
 "uniform"    1/E for every expert (the paper's "monoscale")              mergeable; zero-initialised
@@ -19,7 +20,8 @@ mode         expert weights w                                            propert
 `add_experts` adds the update to the base layer's output in one matmul per layer. Pooled modes mix the
 experts first: one d_out x r map per layer ("batch", "static", "uniform") or per example ("sample", a
 batched matmul), costing about what LoRA's up-projection costs. "token" scales h by each expert's weight
-and applies all E experts to every token as one (E*r) x d_out map.
+and applies all E experts to every token as one (E*r) x d_out map. The maps of "token" and "uniform" are the
+same for every layer of a target type (`expert_matrix`), so a caller may compute them once per forward.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from lily.errors import MergeError
 ROUTING_MODES = ("batch", "sample", "token", "static", "uniform")
 DATA_DEPENDENT = ("batch", "sample", "token")
 MERGEABLE = ("static", "uniform")
+SHARED_MAP = ("token", "uniform")
+"""Modes whose map of the experts is the same for every layer of a target type (`expert_matrix`)."""
 
 
 def require_mergeable(mode: str) -> None:
@@ -75,19 +79,27 @@ def make_router(
     return weight
 
 
+def position_weights(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """How "sample" routing averages an example's positions, from an attention `mask` (examples, positions):
+    1/n at each of the example's n positions where the mask is nonzero, 0 elsewhere."""
+    keep = mask.to(device, dtype)
+    return keep / keep.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
 def expert_weights(
     mode: str,
     h: torch.Tensor,
     router: torch.Tensor | None,
     num_B: int,
-    mask: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
     examples: int = 1,
 ) -> torch.Tensor:
     """Expert weights for hidden `h` (tokens, r).
 
     Shapes: (E,) for "batch", "static" and "uniform"; (examples, E) for "sample", whose tokens are `examples`
     runs of equally many positions; (tokens, E) for "token". "static" and "uniform" read only the device and
-    dtype of `h`. `mask` (examples, positions), used by "sample" only, marks the positions that count.
+    dtype of `h`. `pool` (examples, positions; `position_weights`), used by "sample" only, weighs the
+    positions of each example (default: their mean).
     """
     if mode == "uniform":
         return torch.full((num_B,), 1.0 / num_B, device=h.device, dtype=h.dtype)
@@ -99,10 +111,9 @@ def expert_weights(
     if mode == "batch":
         return probs.mean(dim=0)
     per_position = probs.view(examples, -1, num_B)
-    if mask is None:
+    if pool is None:
         return per_position.mean(dim=1)
-    keep = mask.to(probs.dtype).unsqueeze(-1)
-    return (per_position * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)
+    return torch.bmm(pool.to(probs).unsqueeze(1), per_position).squeeze(1)
 
 
 def mix_experts(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -112,6 +123,18 @@ def mix_experts(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     return mixed.view(*weights.shape[:-1], d_out, r)
 
 
+def expert_matrix(mode: str, experts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The map a `SHARED_MAP` mode applies to every layer's h, from the experts (E, d_out, r) and the scale alpha
+    alone: for "token" alpha times all E experts side by side, (d_out, E*r), expert-major along the columns; for
+    "uniform" alpha times their mean, (d_out, r). (A scale here, once per forward, spares every layer's backward
+    two multiplications.)"""
+    num_B, d_out, r = experts.shape
+    if mode == "token":
+        up = experts.permute(1, 0, 2).reshape(d_out, num_B * r)  # copied in r-long runs, far cheaper than B^T's
+        return up if alpha == 1.0 else up * alpha
+    return experts.mean(dim=0) if alpha == 1.0 else experts.sum(dim=0) * (alpha / num_B)
+
+
 def add_experts(
     mode: str,
     base: torch.Tensor,
@@ -119,28 +142,30 @@ def add_experts(
     router: torch.Tensor | None,
     experts: torch.Tensor,
     alpha: float,
-    mask: torch.Tensor | None = None,
+    pool: torch.Tensor | None = None,
+    shared_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """base + alpha * sum_e w_e (h B_e^T): the update of hidden h (tokens, r) added to `base` by one matmul.
 
     `base` (..., d_out) is the layer's output, features last, one position per row of h. For "sample" its first
-    dim counts the examples, and `mask` (examples, positions) the positions that count when it has base's
-    leading shape (else all count). `experts` is (E, d_out, r).
+    dim counts the examples, and `pool` (examples, positions; `position_weights`) weighs the positions when it
+    has base's leading shape (else they count equally). `experts` is (E, d_out, r); `shared_map`, for "token" and
+    "uniform", is their `expert_matrix` for alpha if the caller has it.
     """
     num_B, d_out, r = experts.shape
     if mode == "sample":  # one mix per example, applied by one batched matmul
         examples = base.shape[0] if base.dim() > 1 else 1
-        if mask is not None and (base.dim() != 3 or mask.shape != base.shape[:2]):
-            mask = None
-        mixed = mix_experts(expert_weights(mode, h, router, num_B, mask, examples), experts)
+        if pool is not None and (base.dim() != 3 or pool.shape != base.shape[:2]):
+            pool = None
+        mixed = mix_experts(expert_weights(mode, h, router, num_B, pool, examples), experts)
         out = torch.baddbmm(base.reshape(examples, -1, d_out), h.view(examples, -1, r), mixed.mT, alpha=alpha)
         return out.view(base.shape)
+    hidden = h
     if mode == "token":  # h scaled by each expert's weight; all E experts applied as one (E*r) x d_out map
         weights = expert_weights(mode, h, router, num_B)
         hidden = (weights.unsqueeze(-1) * h.unsqueeze(-2)).view(-1, num_B * r)
-        up = experts.permute(1, 0, 2).reshape(d_out, num_B * r)  # copied in r-long runs, far cheaper than B^T's
-    elif mode == "uniform":  # the experts' mean: their sum, 1/E folded into alpha
-        hidden, up, alpha = h, experts.sum(dim=0), alpha / num_B
+    if mode in SHARED_MAP:  # "token", "uniform": the map holds alpha
+        up, alpha = expert_matrix(mode, experts, alpha) if shared_map is None else shared_map, 1.0
     else:  # "batch", "static": one mix per call
-        hidden, up = h, mix_experts(expert_weights(mode, h, router, num_B), experts)
+        up = mix_experts(expert_weights(mode, h, router, num_B), experts)
     return torch.addmm(base.reshape(-1, d_out), hidden, up.t(), alpha=alpha).view(base.shape)

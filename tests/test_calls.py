@@ -164,3 +164,104 @@ def test_compiled_model_has_no_graph_break_and_matches_eager_outputs_and_gradien
         torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
         for name in params:
             torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def routed_bert(routing: str, scaling: float = 1.0) -> nn.Module:
+    """A float64 tiny BERT whose query and value layers (two banks, three layers each) route with `routing`."""
+    torch.manual_seed(0)
+    model = tiny_bert(num_layers=3)
+    lily.inject(model, lily.LilyConfig(target_modules=["query", "value"], r=4, num_B=3, routing=routing,
+                                       scaling=scaling))  # fmt: skip
+    randomize_adapter(model)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # deterministic in training mode, where checkpointing runs
+    return model.double().train()
+
+
+def loss_and_grads(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    loss = sum(model(**b).logits.pow(2).mean() for b in batches)
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in lily.adapter_parameters(model).items()}
+
+
+def assert_same(result, reference) -> None:
+    torch.testing.assert_close(result[0], reference[0], rtol=1e-12, atol=1e-12)
+    for name, grad in reference[1].items():
+        if grad is None:  # a parameter only a block without autograd used
+            assert result[1][name] is None, name
+        else:
+            torch.testing.assert_close(result[1][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("routing", ["token", "uniform"])
+def test_a_banks_expert_map_is_built_once_per_call_with_the_results_of_one_per_layer(routing, monkeypatch):
+    batches = padded_batches(2)
+    model = routed_bert(routing, scaling=0.7)
+    built = []
+    build = lily.layer.expert_matrix
+    monkeypatch.setattr(lily.layer, "expert_matrix", lambda *args: built.append(1) or build(*args))
+    shared = loss_and_grads(model, batches)
+    assert len(built) == 2 * len(batches)  # one per bank and model call, not one per layer
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, source, make: make())
+    assert_same(shared, loss_and_grads(model, batches))
+    built.clear()
+    for reentrant in (False, True):  # checkpointed blocks replay after their call ended: they build their own
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        monkeypatch.setattr(lily.layer, "per_call", lily.calls.per_call)
+        assert_same(loss_and_grads(model, batches), shared)
+
+
+def test_an_expert_map_is_rebuilt_under_another_grad_mode_and_after_an_in_place_change(monkeypatch):
+    batches = padded_batches(1)
+    model = routed_bert("token")
+    first = model.bert.encoder.layer[0]
+    no_grad_forward = first.forward
+    first.forward = torch.no_grad()(no_grad_forward)  # the first block runs without autograd, the others with it
+    shared = loss_and_grads(model, batches)
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, source, make: make())
+    assert_same(shared, loss_and_grads(model, batches))  # the later blocks' maps carry gradients to B
+    del first.forward
+    bank = lily.get_adapter(model).banks["query"]
+
+    def nudge(module, args, output):
+        with torch.no_grad():
+            bank.B.mul_(1.5)
+
+    first.attention.self.query.register_forward_hook(nudge)  # B changes in place after the first query layer
+    with torch.no_grad():
+        reference = model(**batches[0]).logits
+        bank.B.div_(1.5)  # as before the reference call
+        monkeypatch.setattr(lily.layer, "per_call", lily.calls.per_call)
+        torch.testing.assert_close(model(**batches[0]).logits, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_what_a_call_keeps_is_released_when_it_returns_or_raises():
+    model = routed_bert("token")
+    calls = []
+    model.bert.encoder.layer[1].register_forward_hook(lambda *args: calls.append(lily.calls._open_call()))
+    model(**padded_batches(1)[0])
+    assert calls[-1].derived == {}
+
+    def fail(*args):
+        raise RuntimeError("boom")
+
+    model.bert.encoder.layer[2].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(**padded_batches(1)[0])
+    assert calls[-1].derived == {} and lily.calls._open_call() is None
+
+
+@pytest.mark.parametrize("routing", ["sample", "batch"])
+def test_sample_routing_weighs_a_calls_positions_once_and_only_a_call_that_read_its_mask_tags_its_graph(
+    routing, monkeypatch
+):
+    model = routed_bert(routing)
+    made = []
+    weights = lily.routing.position_weights
+    monkeypatch.setattr(lily.routing, "position_weights", lambda *args: made.append(1) or weights(*args))
+    out = model(**padded_batches(1)[0]).logits
+    assert len(made) == (1 if routing == "sample" else 0)
+    tagged = lily.calls.METADATA_KEY in out.grad_fn.metadata
+    assert tagged == (routing == "sample")

@@ -158,3 +158,48 @@ def test_an_adapter_saved_from_cuda_loads_on_cpu_with_the_same_outputs(tmp_path)
     loaded = lily.load_adapter(tiny_llama(), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+class QKV(torch.nn.Module):
+    """tanh(q(x) + k(x) + v(x)): three projections of one input (siblings that share their A matmul)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.q_proj(x) + self.k_proj(x) + self.v_proj(x))
+
+
+class MaskedStack(torch.nn.Module):
+    """`QKV` blocks taking an attention mask like a transformer (for "sample" routing)."""
+
+    def __init__(self, width: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(QKV(width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("routing", lily.ROUTING_MODES)
+def test_a_train_step_never_makes_the_host_wait_for_the_gpu(routing):
+    torch.manual_seed(0)
+    model = MaskedStack()
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, num_B=3, routing=routing))
+    assert len(model.lily_adapters.sibling_handles) == 2 * 3
+    model.cuda().train()
+    x = torch.randn(2, 5, 32, device="cuda")
+    mask = torch.ones(2, 5, dtype=torch.long, device="cuda")
+    mask[1, 3:] = 0
+    model(x, attention_mask=mask).pow(2).mean().backward()  # warm-up: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for autocast in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                model(x, attention_mask=mask).float().pow(2).mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
