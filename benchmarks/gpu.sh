@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a CUDA machine (about 8 minutes on one H100/H200), each stage under its own time
+# Every GPU check in one go, for a CUDA machine (about 6 minutes on one H200), each stage under its own time
 # limit, so one that fails or hangs leaves the others' results:
-#   1. the GPU tests (bf16/fp16, every routing mode on a bf16 base, siblings' shared matmul, inductor, device moves,
-#      merge, save on GPU / load on CPU, 4-bit and 8-bit bases),
+#   1. the GPU tests (bf16/fp16, every routing mode on a bf16 base, siblings' shared matmul, inductor, no host-device
+#      synchronisation in a train step, device moves, merge, save on GPU / load on CPU, 4-bit and 8-bit bases),
 #   2. whole-model speed and memory in bf16 at Llama-class shapes: SmolLM2-135M's and Llama-3.2-1B's (random
 #      weights: speed depends on the shapes), q/k/v/o and MLP targets, r=16 and r=64, against PEFT LoRA and
 #      PEFT's Lily,
 #   3. the layer-overhead benchmark on the GPU (fp32, 16 x Linear(576), r=16, and 8 q/k/v blocks), eager,
 #   4. torch.compile against eager (8 x Linear(576), at 1x16 and 8x512 tokens).
 # Results: benchmarks/results/{speed_r16,speed_r64,layer_overhead,layer_overhead_qkv,layer_overhead_compiled}_gpu
-# .{json,md}. PYTHON picks the interpreter (default: the project's .venv); it needs a CUDA build of torch. Exits
-# non-zero when any stage failed.
+# .{json,md}. PYTHON picks the interpreter (default: the project's .venv); it needs a CUDA build of torch, and
+# lily's imports (e.g. PYTHON=python3 PYTHONPATH=. with torch, transformers and peft installed; bitsandbytes for
+# the quantized tests). Exits non-zero when any stage failed; stopped from outside, it stops the running stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
@@ -19,11 +20,17 @@ PY="${PYTHON:-.venv/bin/python}"
       '| peft', peft.__version__, '|', torch.cuda.get_device_name())"
 failed=()
 
+child=""
+trap '[ -n "$child" ] && kill "$child" 2>/dev/null; exit 143' TERM INT  # stopped from outside: stop the stage too
+
 stage() {  # stage SECONDS COMMAND...: run COMMAND for at most SECONDS
     local limit=$1 start=$SECONDS
     shift
     echo "=== $* (at most ${limit} s)"
-    timeout "$limit" "$@" || failed+=("$*")
+    timeout "$limit" "$@" &
+    child=$!
+    wait "$child" || failed+=("$*")
+    child=""
     echo "=== $((SECONDS - start)) s"
 }
 

@@ -87,15 +87,15 @@ def position_weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor |
     return call.pools[key]
 
 
-def per_call(key: Any, source: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`make()`, a function of `source` alone, computed once per key in the thread's open model call and kept there
-    until the call ends. Made afresh outside any call (also in a replay), and when source's in-place version, the
-    grad mode or the autocast dtype differ from when it was kept (`_modes`), so a tensor made without autograd
-    never stands in for one with it."""
+def per_call(key: Any, sources: tuple[torch.Tensor, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`make()`, a function of the tensors `sources` alone, computed once per key in the thread's open model call
+    and kept there until the call ends. Made afresh outside any call (also in a replay), and when a source's
+    in-place version, the grad mode or the autocast dtype differ from when it was kept (`_modes`), so a tensor
+    made without autograd never stands in for one with it."""
     call = _open_call()
     if call is None:
         return make()
-    modes = _modes(source)
+    modes = tuple(_modes(source) for source in sources)
     kept = call.derived.get(key)
     if kept is not None and kept[0] == modes:
         return kept[1]

@@ -131,7 +131,7 @@ class LilyBranch(nn.Module):
         shared_map = None
         if self.routing in SHARED_MAP:  # the same for every layer of the bank: computed once per model call
             key = self.bank, experts.device
-            shared_map = per_call(key, self.bank.B, lambda: expert_matrix(self.routing, experts, self.scaling))
+            shared_map = per_call(key, (self.bank.B,), lambda: expert_matrix(self.routing, experts, self.scaling))
         dtype = base.dtype
         if dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
             base = base.to(h.dtype)  # added in the adapter's precision, rounded once
@@ -219,9 +219,10 @@ class LilyLayer(LilySite):
     def shared_low_rank(self, x: torch.Tensor, branch: LilyBranch) -> torch.Tensor | None:
         """This layer's h from a matmul shared with its siblings in the running call of their parent (`Siblings`):
         kept for it by the sibling that ran first, or, if none did, computed now with theirs (their A groups
-        concatenated to its own), keeping theirs for them. None (the layer computes its own) outside such a
-        call, under training dropout, when what was kept came from another input, or when no sibling can share
-        (none active and unmerged, without training dropout, of the same width and dtype)."""
+        concatenated to its own, once per model call for all blocks that use the same groups), keeping theirs for
+        them. None (the layer computes its own) outside such a call, under training dropout, when what was kept
+        came from another input, or when no sibling can share (none active and unmerged, without training
+        dropout, of the same width and dtype)."""
         siblings = sibling_family()
         family = None if siblings is None else siblings.family.get(self)
         if family is None or (branch.dropout and branch.training):
@@ -241,7 +242,9 @@ class LilyLayer(LilySite):
         if len(group) == 1:
             return None
         factors = [other.a_group(x.device) for _, other in group]  # linear or Conv1D layers: no activation on h
-        hs = linear_down(branch.down_input(x, factors[0]), torch.cat(factors)).split([a.shape[0] for a in factors], 1)
+        key = (*((other.bank, other.group) for _, other in group), x.device)  # the same for blocks of one A group
+        a = per_call(key, tuple(other.bank.A[other.group] for _, other in group), lambda: torch.cat(factors))
+        hs = linear_down(branch.down_input(x, a), a).split([a.shape[0] for a in factors], 1)
         share_hidden(x, {layer: (other, h) for (layer, other), h in zip(group[1:], hs[1:], strict=True)})
         return hs[0]
 

@@ -204,7 +204,7 @@ def test_a_banks_expert_map_is_built_once_per_call_with_the_results_of_one_per_l
     monkeypatch.setattr(lily.layer, "expert_matrix", lambda *args: built.append(1) or build(*args))
     shared = loss_and_grads(model, batches)
     assert len(built) == 2 * len(batches)  # one per bank and model call, not one per layer
-    monkeypatch.setattr(lily.layer, "per_call", lambda key, source, make: make())
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make: make())
     assert_same(shared, loss_and_grads(model, batches))
     built.clear()
     for reentrant in (False, True):  # checkpointed blocks replay after their call ended: they build their own
@@ -220,7 +220,7 @@ def test_an_expert_map_is_rebuilt_under_another_grad_mode_and_after_an_in_place_
     no_grad_forward = first.forward
     first.forward = torch.no_grad()(no_grad_forward)  # the first block runs without autograd, the others with it
     shared = loss_and_grads(model, batches)
-    monkeypatch.setattr(lily.layer, "per_call", lambda key, source, make: make())
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make: make())
     assert_same(shared, loss_and_grads(model, batches))  # the later blocks' maps carry gradients to B
     del first.forward
     bank = lily.get_adapter(model).banks["query"]

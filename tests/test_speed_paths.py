@@ -188,6 +188,27 @@ def test_siblings_reading_one_input_share_one_down_matmul_with_the_same_results(
         torch.testing.assert_close(fused[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+def test_blocks_of_one_a_group_concatenate_their_siblings_a_groups_once_per_call(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_llama(num_layers=4)
+    lily.inject(model, lily.LilyConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, num_A=2, num_B=3))
+    randomize_adapter(model)
+    model.double().train()
+    factors = []
+    original = lily.layer.linear_down
+    monkeypatch.setattr(lily.layer, "linear_down", lambda x, a: factors.append(a) or original(x, a))
+    kept = loss_and_grads(model)
+    assert [a.shape[0] for a in factors] == [12] * 4
+    assert factors[0] is factors[1] and factors[2] is factors[3] and factors[1] is not factors[2]  # one per group
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make: make())
+    factors.clear()
+    rebuilt = loss_and_grads(model)
+    assert len({id(a) for a in factors}) == 4
+    torch.testing.assert_close(kept[0], rebuilt[0], rtol=1e-12, atol=1e-12)
+    for name, grad in rebuilt[1].items():
+        torch.testing.assert_close(kept[1][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+
+
 class Block(nn.Module):
     """q_proj, k_proj and v_proj, called as `calls(block, x)` says."""
 
