@@ -7,9 +7,9 @@ thread sees separately (nested calls restore the outer call's state; `torch.comp
 graph breaks):
 
 - `ModelCall` (a forward pre-hook and hook on the adapted model) opens one `ForwardCall` per model call,
-  holding that call's mask, and closes it when the call returns or raises. The mask's per-position weights
-  (`position_weights`) and what every layer of a target type derives alike from its parameters (`per_call`)
-  are computed once per call, when a layer first asks for them.
+  holding that call's mask, and closes it when the call returns or raises. What layers derive alike from
+  the mask (`from_mask`: kept with the call for as long as replays may need it) or from parameters
+  (`per_call`: kept until the call ends) is computed once per call, when a layer first asks for it.
 - Activation checkpointing replays a block during backward, after the call has closed. So when a call
   builds an autograd graph and a layer read its mask, its graph's nodes are tagged with the call
   (`Node.metadata`); a replay finds its call through the node that the autograd engine is running.
@@ -32,19 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lily import routing
-
 METADATA_KEY = "lily_forward_call"
 """Key of `torch.autograd.graph.Node.metadata` under which a call's graph nodes record their call."""
 
 
 @dataclass(eq=False)
 class ForwardCall:
-    """One call of the adapted model: its 2-D `attention_mask` (None when not given), and the mask's per-position
-    weights by dtype and device, once a layer has asked for them (`position_weights`)."""
+    """One call of the adapted model: its 2-D `attention_mask` (None when not given), and what layers derived
+    from the mask (`from_mask`), by key."""
 
     attention_mask: torch.Tensor | None
-    pools: dict[tuple[torch.dtype, torch.device], torch.Tensor] = field(default_factory=dict, repr=False)
+    mask_derived: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     derived: dict[Any, tuple[tuple, torch.Tensor]] = field(default_factory=dict, repr=False)
     """`per_call`'s tensors by key, each with the modes of its source when it was made; emptied when the call ends."""
     outer: tuple[ForwardCall | None, dict[int, torch.Tensor], tuple] | None = field(default=None, repr=False)
@@ -74,28 +72,29 @@ def current_call() -> ForwardCall | None:
     return None if node is None else node.metadata.get(METADATA_KEY)
 
 
-def position_weights(dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """The weights "sample" routing gives each example's positions (`lily.routing.position_weights`) from the
-    current model call's attention mask (see `current_call`), computed once per call, dtype and device; None
-    without a mask."""
+def from_mask(key: Any, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """`make(mask)` for the attention mask of the current model call (see `current_call`, so also in a replay),
+    computed once per call and key and kept with the call; None without a mask. (A mask carries no gradient.)"""
     call = current_call()
     if call is None or call.attention_mask is None:
         return None
-    key = dtype, device
-    if key not in call.pools:
-        call.pools[key] = routing.position_weights(call.attention_mask, dtype, device)
-    return call.pools[key]
+    if key not in call.mask_derived:
+        call.mask_derived[key] = make(call.attention_mask)
+    return call.mask_derived[key]
 
 
-def per_call(key: Any, sources: tuple[torch.Tensor, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`make()`, a function of the tensors `sources` alone, computed once per key in the thread's open model call
-    and kept there until the call ends. Made afresh outside any call (also in a replay), and when a source's
-    in-place version, the grad mode or the autocast dtype differ from when it was kept (`_modes`), so a tensor
-    made without autograd never stands in for one with it."""
+def per_call(
+    key: Any, sources: tuple[torch.Tensor, ...], make: Callable[[], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """`make()`, a function of the tensors `sources` alone, run on `device`, computed once per key in the thread's
+    open model call and kept there until the call ends. Made afresh outside any call (a replay in backward
+    included, unless it runs inside another open call of its thread, whose kept tensors are then as valid), and
+    when a source's in-place version or requires_grad, the grad mode or the autocast dtype on `device` differ
+    from when it was kept, so a tensor made without autograd never stands in for one with it."""
     call = _open_call()
     if call is None:
         return make()
-    modes = tuple(_modes(source) for source in sources)
+    modes = tuple((_version(s), s.requires_grad) for s in sources), *_grad_modes(device)
     kept = call.derived.get(key)
     if kept is not None and kept[0] == modes:
         return kept[1]
@@ -141,12 +140,20 @@ def sibling_family() -> Any:
     return calls[-1][0] if calls else None
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """x's in-place version (not tracked for inference tensors, nor in a compiled graph: None)."""
+    return None if torch.compiler.is_compiling() or x.is_inference() else x._version
+
+
+def _grad_modes(device: torch.device) -> tuple[bool, Any]:
+    """The grad mode and the autocast dtype on `device` (False when autocast is off)."""
+    return torch.is_grad_enabled(), torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+
+
 def _modes(x: torch.Tensor) -> tuple[Any, ...]:
-    """What must not change between computing a hidden state from `x` and using it: x's in-place version
-    (not tracked for inference tensors, nor in a compiled graph), grad mode and the autocast dtype."""
-    version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
-    autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
-    return version, torch.is_grad_enabled(), autocast
+    """What must not change between computing a hidden state from `x` and using it: x's in-place version, grad
+    mode and the autocast dtype."""
+    return _version(x), *_grad_modes(x.device)
 
 
 def share_hidden(x: torch.Tensor, hidden: dict[Any, tuple[Any, torch.Tensor]]) -> None:
@@ -219,7 +226,7 @@ class ModelCall:
         # back to the outer state; inputs a source kept for a sink that never ran are released
         (_LOCAL.call, _LOCAL.captured, _LOCAL.siblings), call.outer = call.outer, None
         call.derived.clear()
-        if call.pools and torch.is_grad_enabled():  # replays read the mask only if the call did
+        if call.mask_derived and torch.is_grad_enabled():  # replays read the mask only if the call did
             _tag_graph(output, call)
 
     def register(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:

@@ -29,9 +29,9 @@ from lily.bank import LilyBank
 from lily.calls import (
     capture_input,
     close_siblings,
+    from_mask,
     open_siblings,
     per_call,
-    position_weights,
     share_hidden,
     shared_hidden,
     sibling_family,
@@ -45,6 +45,7 @@ from lily.routing import (
     expert_weights,
     make_router,
     mix_experts,
+    position_weights,
     require_mergeable,
 )
 
@@ -127,11 +128,16 @@ class LilyBranch(nn.Module):
         h, experts = self.low_rank(x, down) if h is None else (h, self.experts(h.device))
         pool = None
         if self.routing == "sample":  # in the dtype of the routing probabilities: softmax autocasts to float32
-            pool = position_weights(torch.float32 if torch.is_autocast_enabled(h.device.type) else h.dtype, h.device)
+            probs = torch.float32 if torch.is_autocast_enabled(h.device.type) else h.dtype
+            pool = from_mask(("pool", probs, h.device), lambda mask: position_weights(mask, probs, h.device))
         shared_map = None
         if self.routing in SHARED_MAP:  # the same for every layer of the bank: computed once per model call
-            key = self.bank, experts.device
-            shared_map = per_call(key, (self.bank.B,), lambda: expert_matrix(self.routing, experts, self.scaling))
+            key = self.bank, experts.device, self.routing, self.scaling
+
+            def make() -> torch.Tensor:
+                return expert_matrix(self.routing, experts, self.scaling)
+
+            shared_map = per_call(key, (self.bank.B,), make, experts.device)
         dtype = base.dtype
         if dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
             base = base.to(h.dtype)  # added in the adapter's precision, rounded once
@@ -243,7 +249,7 @@ class LilyLayer(LilySite):
             return None
         factors = [other.a_group(x.device) for _, other in group]  # linear or Conv1D layers: no activation on h
         key = (*((other.bank, other.group) for _, other in group), x.device)  # the same for blocks of one A group
-        a = per_call(key, tuple(other.bank.A[other.group] for _, other in group), lambda: torch.cat(factors))
+        a = per_call(key, tuple(other.bank.A[other.group] for _, other in group), lambda: torch.cat(factors), x.device)
         hs = linear_down(branch.down_input(x, a), a).split([a.shape[0] for a in factors], 1)
         share_hidden(x, {layer: (other, h) for (layer, other), h in zip(group[1:], hs[1:], strict=True)})
         return hs[0]

@@ -204,13 +204,24 @@ def test_a_banks_expert_map_is_built_once_per_call_with_the_results_of_one_per_l
     monkeypatch.setattr(lily.layer, "expert_matrix", lambda *args: built.append(1) or build(*args))
     shared = loss_and_grads(model, batches)
     assert len(built) == 2 * len(batches)  # one per bank and model call, not one per layer
-    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make: make())
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make, device: make())
     assert_same(shared, loss_and_grads(model, batches))
-    built.clear()
     for reentrant in (False, True):  # checkpointed blocks replay after their call ended: they build their own
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         monkeypatch.setattr(lily.layer, "per_call", lily.calls.per_call)
+        built.clear()
         assert_same(loss_and_grads(model, batches), shared)
+        assert len(built) == 2 * len(batches) + 2 * 3 * len(batches)  # per call, then per replayed layer
+
+
+def test_layers_of_one_bank_with_different_scales_keep_their_own_maps(monkeypatch):
+    model = routed_bert("token")
+    query = model.bert.encoder.layer[1].attention.self.query
+    query.adapters[query.active].scaling = 2.5  # a public attribute: one layer scaled apart from its bank
+    batches = padded_batches(1)
+    kept = loss_and_grads(model, batches)
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make, device: make())
+    assert_same(kept, loss_and_grads(model, batches))
 
 
 def test_an_expert_map_is_rebuilt_under_another_grad_mode_and_after_an_in_place_change(monkeypatch):
@@ -220,7 +231,7 @@ def test_an_expert_map_is_rebuilt_under_another_grad_mode_and_after_an_in_place_
     no_grad_forward = first.forward
     first.forward = torch.no_grad()(no_grad_forward)  # the first block runs without autograd, the others with it
     shared = loss_and_grads(model, batches)
-    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make: make())
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make, device: make())
     assert_same(shared, loss_and_grads(model, batches))  # the later blocks' maps carry gradients to B
     del first.forward
     bank = lily.get_adapter(model).banks["query"]
@@ -259,8 +270,8 @@ def test_sample_routing_weighs_a_calls_positions_once_and_only_a_call_that_read_
 ):
     model = routed_bert(routing)
     made = []
-    weights = lily.routing.position_weights
-    monkeypatch.setattr(lily.routing, "position_weights", lambda *args: made.append(1) or weights(*args))
+    weights = lily.layer.position_weights
+    monkeypatch.setattr(lily.layer, "position_weights", lambda *args: made.append(1) or weights(*args))
     out = model(**padded_batches(1)[0]).logits
     assert len(made) == (1 if routing == "sample" else 0)
     tagged = lily.calls.METADATA_KEY in out.grad_fn.metadata

@@ -200,7 +200,7 @@ def test_blocks_of_one_a_group_concatenate_their_siblings_a_groups_once_per_call
     kept = loss_and_grads(model)
     assert [a.shape[0] for a in factors] == [12] * 4
     assert factors[0] is factors[1] and factors[2] is factors[3] and factors[1] is not factors[2]  # one per group
-    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make: make())
+    monkeypatch.setattr(lily.layer, "per_call", lambda key, sources, make, device: make())
     factors.clear()
     rebuilt = loss_and_grads(model)
     assert len({id(a) for a in factors}) == 4
