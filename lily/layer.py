@@ -247,10 +247,10 @@ class LilyLayer(LilySite):
                 group.append((layer, other))
         if len(group) == 1:
             return None
-        factors = [other.a_group(x.device) for _, other in group]  # linear or Conv1D layers: no activation on h
+        groups = tuple(other.bank.A[other.group] for _, other in group)  # linear or Conv1D: no activation on h
         key = (*((other.bank, other.group) for _, other in group), x.device)  # the same for blocks of one A group
-        a = per_call(key, tuple(other.bank.A[other.group] for _, other in group), lambda: torch.cat(factors), x.device)
-        hs = linear_down(branch.down_input(x, a), a).split([a.shape[0] for a in factors], 1)
+        a = per_call(key, groups, lambda: torch.cat([other.a_group(x.device) for _, other in group]), x.device)
+        hs = linear_down(branch.down_input(x, a), a).split([g.shape[0] for g in groups], 1)
         share_hidden(x, {layer: (other, h) for (layer, other), h in zip(group[1:], hs[1:], strict=True)})
         return hs[0]
 

@@ -129,10 +129,9 @@ def expert_matrix(mode: str, experts: torch.Tensor, alpha: float) -> torch.Tenso
     "uniform" alpha times their mean, (d_out, r). (A scale here, once per forward, spares every layer's backward
     two multiplications.)"""
     num_B, d_out, r = experts.shape
-    if mode == "token":
-        up = experts.permute(1, 0, 2).reshape(d_out, num_B * r)  # copied in r-long runs, far cheaper than B^T's
-        return up if alpha == 1.0 else up * alpha
-    return experts.mean(dim=0) if alpha == 1.0 else experts.sum(dim=0) * (alpha / num_B)
+    # "token": copied in r-long runs, far cheaper than B^T's
+    up = experts.permute(1, 0, 2).reshape(d_out, num_B * r) if mode == "token" else experts.mean(dim=0)
+    return up if alpha == 1.0 else up * alpha
 
 
 def add_experts(
